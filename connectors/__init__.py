@@ -1,0 +1,1 @@
+"""AI engines and human handoff, one module each, behind one small interface (see docs/connectors.md)."""

@@ -1,0 +1,3 @@
+"""Switchboard: bot orchestration middleware."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,130 @@
+"""create_app(settings): the routes and the lifespan that owns the store, HTTP client, scheduler and dispatcher."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from middleware.dispatch import Dispatcher
+from middleware.engine import Engine, load_flows
+from middleware.ingress import Ingress
+from middleware.metrics import Metrics
+from middleware.outbox import Outbox
+from middleware.platforms import PLATFORM_TYPES
+from middleware.scheduler import build_scheduler
+from middleware.services import Services
+from middleware.settings import Settings
+from middleware.store import Store, StoreUnavailable
+from middleware.turn import TurnRunner
+from middleware.web.api import AdminApi
+
+log = logging.getLogger("switchboard")
+
+
+def make_http_client(settings: Settings) -> httpx.AsyncClient:
+    """The one HTTP client for platforms and connectors: httpx's API over aiohttp's pool.
+
+    httpx's own pool spends most of its time in pool bookkeeping under concurrency
+    (bench/README.md, "Transport"); aiohttp's connector does not.
+    """
+    from httpx_aiohttp import AiohttpTransport
+
+    limits = httpx.Limits(
+        max_connections=settings.outbox.max_connections, max_keepalive_connections=settings.outbox.max_connections
+    )
+    transport = AiohttpTransport(limits=limits)
+    return httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(settings.outbox.timeout))
+
+
+def create_app(settings: Settings, *, http: httpx.AsyncClient | None = None) -> Starlette:
+    """Build the ASGI app; nothing is opened until its lifespan starts."""
+    metrics = Metrics()
+    flows = load_flows(settings.flows)
+    engine = Engine(flows)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        client = http or make_http_client(settings)
+        store = Store(settings.store.url, batch_max=settings.store.batch_max)
+        await store.start()
+        platforms = {name: PLATFORM_TYPES[cfg.type](name, cfg, client) for name, cfg in settings.platforms.items()}
+        node_id = settings.node_id or f"{socket.gethostname()}:{settings.server.port}"
+        turns = TurnRunner(store, engine, settings, metrics)
+        outbox = Outbox(store, settings.outbox, metrics)
+        dispatcher = Dispatcher(store, turns, outbox, platforms, settings.dispatch, metrics, node_id)
+        services = Services(
+            settings, store, client, engine, platforms, metrics, dispatcher, turns, node_id, time.time()
+        )
+        app.state.services = services
+        ingress = Ingress(
+            platforms, store, dispatcher, metrics, settings.server.max_body_bytes, settings.dispatch.retry_after_seconds
+        )
+        app.state.ingress = ingress
+        await dispatcher.resync_backlog()
+        await dispatcher.resume()
+        scheduler = build_scheduler(
+            store,
+            dispatcher,
+            settings.dispatch.sweep_seconds,
+            settings.dispatch.lease_seconds,
+            settings.store.dedupe_days,
+        )
+        scheduler.start()
+        log.info(
+            "switchboard ready", extra={"node": node_id, "flows": sorted(engine.flows), "platforms": sorted(platforms)}
+        )
+        try:
+            yield
+        finally:
+            scheduler.shutdown(wait=False)
+            await dispatcher.close()
+            await turns.close()
+            await store.close()
+            if http is None:
+                await client.aclose()
+
+    async def webhook(request: Request) -> Response:
+        ingress: Ingress = request.app.state.ingress
+        return await ingress(request)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        s: Services = request.app.state.services
+        checks: dict[str, Any] = {"flows": sorted(s.engine.flows), "accepting": s.dispatcher.accepting}
+        try:
+            await s.store.ping()
+            checks["store"] = "ok"
+        except StoreUnavailable as exc:
+            checks["store"] = f"unavailable: {exc}"
+        ready = checks["store"] == "ok" and bool(s.engine.flows) and s.dispatcher.accepting
+        return JSONResponse({"ready": ready, **checks}, status_code=200 if ready else 503)
+
+    async def metrics_endpoint(request: Request) -> Response:
+        s: Services = request.app.state.services
+        with contextlib.suppress(StoreUnavailable):
+            for state, n in (await s.store.outbox_counts()).items():
+                metrics.outbox.labels(state).set(n)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    admin = AdminApi(settings.admin.token)
+    routes = [
+        Route("/webhooks/{name}", webhook, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        *admin.routes(),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)

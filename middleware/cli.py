@@ -1,0 +1,124 @@
+"""The `switchboard` command: serve, check, chat."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from middleware.yamlfile import ConfigError, Problem
+
+DEFAULT_CONFIG = Path("config/switchboard.yaml")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="switchboard", description="Bot orchestration middleware.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the webhooks, APIs and flows of a config")
+    serve.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+
+    check = sub.add_parser("check", help="validate flows and configs; file:line:col: message per problem")
+    check.add_argument("paths", nargs="*", type=Path)
+
+    chat = sub.add_parser("chat", help="talk to a flow in the terminal")
+    chat.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    chat.add_argument("--flows", type=Path, help="a flows folder or file instead of the config's")
+
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "check":
+        return _check(args.paths)
+    return asyncio.run(_chat(args))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from middleware import logs
+    from middleware.app import create_app
+    from middleware.settings import load_settings
+
+    logs.configure(args.log_level, args.log_json)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    server = settings.server.model_copy(
+        update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    )
+    settings = settings.model_copy(update={"server": server})
+    try:
+        app = create_app(settings)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    uvicorn.run(
+        app,
+        host=server.host,
+        port=server.port,
+        log_config=None,
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+        timeout_graceful_shutdown=15,
+    )
+    return 0
+
+
+def _check(paths: list[Path]) -> int:
+    from middleware.engine.loader import check_flows, flow_files
+    from middleware.settings import load_settings
+
+    targets = paths or [DEFAULT_CONFIG]
+    problems: list[Problem] = []
+    checked = 0
+    for path in targets:
+        if not path.exists():
+            problems.append(Problem(str(path), 1, 1, "no such file or folder"))
+            continue
+        if path.is_file() and _is_config(path):
+            try:
+                settings = load_settings(path)
+            except ConfigError as exc:
+                problems += exc.problems
+                continue
+            problems += check_flows(settings.flows)
+            checked += 1 + len(flow_files(settings.flows))
+        else:
+            problems += check_flows(path)
+            checked += len(flow_files(path)) if path.is_dir() else 1
+    for p in sorted(set(problems)):
+        print(p)
+    if problems:
+        print(f"{len(set(problems))} problem(s)", file=sys.stderr)
+        return 1
+    print(f"ok: {checked} file(s) checked", file=sys.stderr)
+    return 0
+
+
+def _is_config(path: Path) -> bool:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and "flow" not in data and ("platforms" in data or "store" in data)
+
+
+async def _chat(args: argparse.Namespace) -> int:
+    from middleware.chat import run_chat
+
+    return await run_chat(args.config, args.flows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

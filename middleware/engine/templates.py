@@ -1,0 +1,54 @@
+"""Templates in replies and variables: Jinja2 in a sandbox.
+
+A template is compiled once when its flow loads; what a user sent reaches it only as data
+(`message.text`), never as template source.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jinja2 import StrictUndefined, TemplateSyntaxError
+from jinja2.exceptions import SecurityError, TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+_env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False)
+
+
+class TemplateFailed(Exception):
+    """A template could not be rendered (unknown variable, error in an expression)."""
+
+
+class Template:
+    """A compiled template; plain text without `{{` or `{%` renders without Jinja at all."""
+
+    __slots__ = ("_compiled", "source")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self._compiled = _env.from_string(source) if ("{{" in source or "{%" in source) else None
+
+    def render(self, context: dict[str, Any]) -> str:
+        if self._compiled is None:
+            return self.source
+        try:
+            return self._compiled.render(context)
+        except (
+            TemplateError,
+            SecurityError,
+            ArithmeticError,
+            TypeError,
+            ValueError,
+            LookupError,
+            AttributeError,
+        ) as exc:
+            raise TemplateFailed(f"{type(exc).__name__}: {exc}") from exc
+
+
+def template_error(source: str) -> tuple[int, str] | None:
+    """(line within the template, message) if `source` does not compile, else None."""
+    try:
+        _env.parse(source)
+    except TemplateSyntaxError as exc:
+        return (exc.lineno, exc.message or "template syntax error")
+    return None

@@ -1,0 +1,175 @@
+"""Config: `config/switchboard.yaml` with `${ENV}` interpolation, validated, with file:line:col errors.
+
+A config holding only `store`, `flows` and `platforms` is complete; everything else has defaults.
+Relative paths resolve against the config file's folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from middleware.platforms import PLATFORM_TYPES, PlatformConfig
+from middleware.yamlfile import (
+    ConfigError,
+    PathKey,
+    Problem,
+    YamlDoc,
+    interpolate_env,
+    load_yaml,
+    nearest,
+    parse_yaml,
+    pydantic_problems,
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StoreSettings(_Section):
+    url: str = "sqlite:///data/switchboard.db"
+    #: most writes one group commit takes
+    batch_max: int = Field(default=512, ge=1)
+    #: days a handled message id is kept for dedupe
+    dedupe_days: float = Field(default=7.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if not v.startswith(("sqlite://", "postgresql://", "postgresql+psycopg://", "postgres://")):
+            raise ValueError("store url must start with sqlite:// or postgresql://")
+        return v
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+
+
+class DispatchSettings(_Section):
+    #: conversations worked on at once by this node
+    max_concurrency: int = Field(default=64, ge=1)
+    #: accepted messages not yet turned into replies; past it webhooks get 503 + Retry-After
+    max_backlog: int = Field(default=10_000, ge=1)
+    retry_after_seconds: int = Field(default=5, ge=1)
+    lease_seconds: float = Field(default=30.0, gt=1)
+    sweep_seconds: float = Field(default=2.0, gt=0)
+    #: a turn's whole deadline (flow engine and connectors)
+    turn_timeout: float = Field(default=30.0, gt=0)
+
+
+class TypingSettings(_Section):
+    #: a turn shorter than this sends no typing indicator at all
+    delay: float = Field(default=0.8, ge=0)
+
+
+class OutboxSettings(_Section):
+    max_attempts: int = Field(default=10, ge=1)
+    backoff_base: float = Field(default=0.5, gt=0)
+    backoff_max: float = Field(default=60.0, gt=0)
+    #: the longest a 429 Retry-After is honoured before it counts as a failure
+    retry_after_max: float = Field(default=300.0, gt=0)
+    timeout: float = Field(default=10.0, gt=0)
+    max_connections: int = Field(default=100, ge=1)
+
+
+class AdminSettings(_Section):
+    #: bearer token for /api/v1; unset means the admin API answers 401 to everyone but loopback
+    token: str | None = None
+
+
+class Settings(_Section):
+    store: StoreSettings = StoreSettings()
+    flows: Path = Path("flows")
+    platforms: dict[str, PlatformConfig] = Field(default_factory=dict)
+    server: ServerSettings = ServerSettings()
+    dispatch: DispatchSettings = DispatchSettings()
+    typing: TypingSettings = TypingSettings()
+    outbox: OutboxSettings = OutboxSettings()
+    admin: AdminSettings = AdminSettings()
+    node_id: str | None = None
+    fallback_reply: str = "Sorry, something went wrong on our side. Please try again in a moment."
+    #: where the config came from; relative paths were resolved against its folder
+    source: str = "<defaults>"
+
+    @property
+    def base_dir(self) -> Path:
+        return Path(self.source).parent if self.source != "<defaults>" else Path.cwd()
+
+
+def load_settings(path: Path | str, env: dict[str, str] | None = None) -> Settings:
+    """Read, interpolate and validate a config file; raise ConfigError listing every problem."""
+    path = Path(path)
+    doc = load_yaml(path)
+    return settings_from_doc(doc, env)
+
+
+def settings_from_text(text: str, file: str = "<config>", env: dict[str, str] | None = None) -> Settings:
+    return settings_from_doc(parse_yaml(text, file), env)
+
+
+def settings_from_doc(doc: YamlDoc, env: dict[str, str] | None = None) -> Settings:
+    problems = interpolate_env(doc, env)
+    data = doc.data if doc.data is not None else {}
+    if not isinstance(data, dict):
+        raise ConfigError([doc.problem((), "config must be a mapping of sections")])
+    base = Path(doc.file).resolve().parent if not doc.file.startswith("<") else Path.cwd()
+    raw_platforms = data.get("platforms") or {}
+    platforms: dict[str, PlatformConfig] = {}
+    if not isinstance(raw_platforms, dict):
+        problems.append(doc.problem(("platforms",), "platforms must be a mapping of name -> platform config"))
+        raw_platforms = {}
+    for name, raw in raw_platforms.items():
+        platform = _platform_config(doc, name, raw, problems)
+        if platform is not None:
+            platforms[name] = platform
+    rest = {k: v for k, v in data.items() if k != "platforms"}
+    known: dict[PathKey, Any] = {(): Settings.model_fields.keys()}
+    for key, field in Settings.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            known[(key,)] = ann.model_fields.keys()
+    try:
+        settings = Settings.model_validate({**rest, "source": doc.file})
+    except ValidationError as exc:
+        problems += pydantic_problems(doc, (), exc.errors(), known)
+        raise ConfigError(problems) from exc
+    if problems:
+        raise ConfigError(problems)
+    flows = settings.flows if settings.flows.is_absolute() else base / settings.flows
+    store_url = _resolve_sqlite(settings.store.url, base)
+    return settings.model_copy(
+        update={"flows": flows, "platforms": platforms, "store": settings.store.model_copy(update={"url": store_url})}
+    )
+
+
+def _platform_config(doc: YamlDoc, name: str, raw: Any, problems: list[Problem]) -> PlatformConfig | None:
+    at = ("platforms", name)
+    if not isinstance(raw, dict):
+        problems.append(doc.problem(at, f"platform '{name}' must be a mapping with a 'type'"))
+        return None
+    ptype = raw.get("type")
+    if ptype not in PLATFORM_TYPES:
+        known = ", ".join(sorted(PLATFORM_TYPES))
+        hint = nearest(str(ptype), PLATFORM_TYPES) if ptype else ""
+        problems.append(doc.problem((*at, "type"), f"unknown platform type {ptype!r}{hint}; known: {known}"))
+        return None
+    model = PLATFORM_TYPES[ptype].Config
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        problems += pydantic_problems(doc, at, exc.errors(), {at: model.model_fields.keys()})
+        return None
+
+
+def _resolve_sqlite(url: str, base: Path) -> str:
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith("sqlite:////") and url != "sqlite:///:memory:":
+        rel = url[len(prefix) :]
+        if rel and not Path(rel).is_absolute():
+            return prefix + str((base / rel).resolve())
+    return url

@@ -1,0 +1,620 @@
+"""The store: sqlmodel tables and the queries the service runs on them.
+
+SQLite (WAL) by default, PostgreSQL for clusters; the same statements run on both (upserts
+with RETURNING exist on SQLite >= 3.35 and on PostgreSQL).
+
+Every query runs on a writer thread that takes whatever writes are waiting and commits them
+in one transaction (group commit): many webhooks share one commit, so persisting before the
+200 costs a fraction of a commit each. The async methods below are the only API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Index,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    exists,
+    func,
+    or_,
+    select,
+    text,
+    union,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlmodel import Field, SQLModel
+
+from middleware.model import ConversationState, Inbound, Outgoing
+
+log = logging.getLogger("switchboard.store")
+T = TypeVar("T")
+
+
+class InboxRow(SQLModel, table=True):
+    """A message accepted from a platform; (platform, message_id) is the dedupe key."""
+
+    __tablename__ = "inbox"
+    __table_args__ = (
+        UniqueConstraint("platform", "message_id", name="uq_inbox_platform_message"),
+        Index("ix_inbox_pending", "status", "conversation_key", "id"),
+        Index("ix_inbox_conversation", "conversation_key", "id"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    platform: str = Field(max_length=128)
+    message_id: str = Field(max_length=300)
+    conversation_key: str = Field(max_length=400)
+    body: str
+    status: str = Field(default="pending", max_length=16)
+    received_at: float
+    handled_at: float | None = None
+
+
+class ConversationRow(SQLModel, table=True):
+    """A conversation: the flow's state, and the lease of the node working on it."""
+
+    __tablename__ = "conversation"
+    key: str = Field(primary_key=True, max_length=400)
+    platform: str = Field(max_length=128)
+    external_id: str = Field(max_length=300)
+    state: str | None = None
+    lease_owner: str | None = Field(default=None, max_length=200)
+    lease_until: float = 0.0
+    #: fencing token: bumped on every claim, checked on every write of a turn
+    epoch: int = 0
+    created_at: float
+    updated_at: float
+
+
+class OutboxRow(SQLModel, table=True):
+    """One platform call to make, delivered in id order per conversation."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_pending", "status", "conversation_key", "id"),)
+    id: int | None = Field(default=None, primary_key=True)
+    conversation_key: str = Field(max_length=400)
+    platform: str = Field(max_length=128)
+    body: str
+    idempotency_key: str = Field(max_length=80, unique=True)
+    status: str = Field(default="pending", max_length=16)
+    attempts: int = 0
+    next_attempt_at: float = 0.0
+    last_error: str | None = None
+    created_at: float
+    sent_at: float | None = None
+
+
+INBOX = InboxRow.__table__  # type: ignore[attr-defined]
+CONVERSATION = ConversationRow.__table__  # type: ignore[attr-defined]
+OUTBOX = OutboxRow.__table__  # type: ignore[attr-defined]
+
+
+class StoreUnavailable(Exception):
+    """The database did not answer; callers answer 503 and retry later."""
+
+
+class LeaseLost(Exception):
+    """The conversation's lease moved to another claim; this node must not write the turn."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    key: str
+    owner: str
+    epoch: int
+    state: ConversationState
+
+
+@dataclass(frozen=True, slots=True)
+class PendingMessage:
+    inbox_id: int
+    inbound: Inbound
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    id: int
+    conversation_key: str
+    platform: str
+    item: Outgoing
+    idempotency_key: str
+    attempts: int
+    next_attempt_at: float
+
+
+def idempotency_key(platform: str, message_id: str, n: int | str) -> str:
+    """Stable across retries, restarts and re-run turns: derived from the message it answers."""
+    return hashlib.sha256(f"{platform}\x00{message_id}\x00{n}".encode()).hexdigest()[:40]
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+class Store:
+    """Async access to the tables; every call is one operation of a group-committed transaction."""
+
+    def __init__(self, url: str, *, batch_max: int = 512, durability: str = "full") -> None:
+        self.url = _normalise(url)
+        self.dialect = "postgresql" if self.url.startswith("postgresql") else "sqlite"
+        self.batch_max = batch_max
+        self.engine = _make_engine(self.url, durability)
+        self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        self._queue: queue.SimpleQueue[tuple[Callable[[Connection], Any], asyncio.Future[Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.batches = 0
+        self.operations = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._writer, name="store-writer", daemon=True)
+        self._thread.start()
+        await self.run(lambda conn: SQLModel.metadata.create_all(conn))
+
+    async def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            await asyncio.to_thread(self._thread.join, 10)
+            self._thread = None
+        self.engine.dispose()
+
+    async def run(self, op: Callable[[Connection], T]) -> T:
+        """Run `op(conn)` inside the next group-committed transaction and return its result."""
+        if self._loop is None or self._thread is None:
+            raise StoreUnavailable("store is not started")
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._queue.put((op, future))
+        return await future
+
+    def _writer(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < self.batch_max:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._run_batch(batch)
+            if stop:
+                return
+
+    def _run_batch(self, batch: list[tuple[Callable[[Connection], Any], asyncio.Future[Any]]]) -> None:
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
+            with self.engine.begin() as conn:
+                for op, fut in batch:
+                    results.append((fut, op(conn), None))
+            self.batches += 1
+            self.operations += len(batch)
+        except Exception as exc:  # one op failed (or the database): isolate each op in its own transaction
+            results = []
+            if len(batch) == 1 or _is_unavailable(exc):
+                err = _translate(exc)
+                results = [(fut, None, err) for _, fut in batch]
+            else:
+                for op, fut in batch:
+                    try:
+                        with self.engine.begin() as conn:
+                            results.append((fut, op(conn), None))
+                    except Exception as one:
+                        results.append((fut, None, _translate(one)))
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # loop closed during shutdown
+            self._loop.call_soon_threadsafe(_resolve, results)
+
+    # -- ingress -----------------------------------------------------------------------------
+
+    async def accept(self, messages: Sequence[Inbound]) -> list[bool]:
+        """Persist new messages; returns, per message, whether it was new (False = duplicate)."""
+        if not messages:
+            return []
+        now = time.time()
+        rows = [
+            {
+                "platform": m.platform,
+                "message_id": m.message_id,
+                "conversation_key": m.conversation_key,
+                "body": _dumps(m.to_json()),
+                "status": "pending",
+                "received_at": now,
+            }
+            for m in messages
+        ]
+        stmt = (
+            self._insert(INBOX)
+            .on_conflict_do_nothing(index_elements=["platform", "message_id"])
+            .returning(INBOX.c.platform, INBOX.c.message_id)
+        )
+
+        def op(conn: Connection) -> set[tuple[str, str]]:
+            if len(rows) == 1:
+                return {(r[0], r[1]) for r in conn.execute(stmt, rows[0])}
+            return {(r[0], r[1]) for r in conn.execute(stmt.values(rows))}
+
+        inserted = await self.run(op)
+        seen: set[tuple[str, str]] = set()
+        out = []
+        for m in messages:
+            k = (m.platform, m.message_id)
+            out.append(k in inserted and k not in seen)
+            seen.add(k)
+        return out
+
+    # -- leases and turns --------------------------------------------------------------------
+
+    async def claim(self, key: str, platform: str, external_id: str, owner: str, lease_seconds: float) -> Lease | None:
+        """Take the conversation's lease if it is free, expired or already ours; None otherwise."""
+        now = time.time()
+        c = CONVERSATION.c
+        stmt = (
+            self._insert(CONVERSATION)
+            .values(
+                key=key,
+                platform=platform,
+                external_id=external_id,
+                lease_owner=owner,
+                lease_until=now + lease_seconds,
+                epoch=1,
+                created_at=now,
+                updated_at=now,
+            )
+            .on_conflict_do_update(
+                index_elements=["key"],
+                set_={"lease_owner": owner, "lease_until": now + lease_seconds, "epoch": c.epoch + 1},
+                where=or_(c.lease_owner.is_(None), c.lease_until < now, c.lease_owner == owner),
+            )
+            .returning(c.epoch, c.state)
+        )
+
+        def op(conn: Connection) -> Lease | None:
+            row = conn.execute(stmt).first()
+            if row is None:
+                return None
+            state = ConversationState.from_json(json.loads(row.state) if row.state else None)
+            return Lease(key, owner, row.epoch, state)
+
+        return await self.run(op)
+
+    async def renew(self, keys: Sequence[str], owner: str, lease_seconds: float) -> set[str]:
+        """Extend our leases; returns the keys still ours."""
+        if not keys:
+            return set()
+        c = CONVERSATION.c
+        until = time.time() + lease_seconds
+
+        def op(conn: Connection) -> set[str]:
+            conn.execute(update(CONVERSATION).where(c.key.in_(keys), c.lease_owner == owner).values(lease_until=until))
+            return {r[0] for r in conn.execute(select(c.key).where(c.key.in_(keys), c.lease_owner == owner))}
+
+        return await self.run(op)
+
+    async def release(self, lease: Lease) -> bool:
+        """Give the lease up if the conversation has nothing pending; False means work remains."""
+        c = CONVERSATION.c
+        pending_in = exists().where(INBOX.c.conversation_key == lease.key, INBOX.c.status == "pending")
+        pending_out = exists().where(OUTBOX.c.conversation_key == lease.key, OUTBOX.c.status == "pending")
+        stmt = (
+            update(CONVERSATION)
+            .where(c.key == lease.key, c.lease_owner == lease.owner, c.epoch == lease.epoch, ~pending_in, ~pending_out)
+            .values(lease_owner=None, lease_until=0.0)
+        )
+        return bool(await self.run(lambda conn: conn.execute(stmt).rowcount))
+
+    async def pending_messages(self, key: str, limit: int = 32) -> list[PendingMessage]:
+        stmt = (
+            select(INBOX.c.id, INBOX.c.body)
+            .where(INBOX.c.conversation_key == key, INBOX.c.status == "pending")
+            .order_by(INBOX.c.id)
+            .limit(limit)
+        )
+
+        def op(conn: Connection) -> list[PendingMessage]:
+            return [PendingMessage(r.id, Inbound.from_json(json.loads(r.body))) for r in conn.execute(stmt)]
+
+        return await self.run(op)
+
+    async def commit_turn(
+        self,
+        lease: Lease,
+        inbox_ids: Sequence[int],
+        state: ConversationState,
+        outgoing: Sequence[tuple[Outgoing, str]],
+    ) -> None:
+        """Write a turn atomically: the conversation's state, its messages handled, its outbox rows.
+
+        Raises LeaseLost (and writes nothing) if another claim took the conversation meanwhile.
+        """
+        now = time.time()
+        c = CONVERSATION.c
+        set_state = (
+            update(CONVERSATION)
+            .where(c.key == lease.key, c.lease_owner == lease.owner, c.epoch == lease.epoch)
+            .values(state=_dumps(state.to_json()), updated_at=now)
+        )
+        done = update(INBOX).where(INBOX.c.id.in_(inbox_ids)).values(status="done", handled_at=now)
+        platform = lease.key.split(":", 1)[0]
+        rows = [
+            {
+                "conversation_key": lease.key,
+                "platform": platform,
+                "body": _dumps(item.to_json()),
+                "idempotency_key": key,
+                "status": "pending",
+                "attempts": 0,
+                "next_attempt_at": 0.0,
+                "created_at": now,
+            }
+            for item, key in outgoing
+        ]
+        add = self._insert(OUTBOX).on_conflict_do_nothing(index_elements=["idempotency_key"])
+
+        def op(conn: Connection) -> None:
+            if conn.execute(set_state).rowcount != 1:
+                raise LeaseLost(lease.key)
+            if inbox_ids:
+                conn.execute(done)
+            if rows:
+                conn.execute(add, rows)
+
+        await self.run(op)
+
+    # -- outbox ------------------------------------------------------------------------------
+
+    async def due_outbox(self, key: str, limit: int = 32) -> list[OutboxItem]:
+        """The conversation's pending outbox rows in order (due or not: order is per conversation)."""
+        o = OUTBOX.c
+        stmt = select(OUTBOX).where(o.conversation_key == key, o.status == "pending").order_by(o.id).limit(limit)
+
+        def op(conn: Connection) -> list[OutboxItem]:
+            return [
+                OutboxItem(
+                    r.id,
+                    r.conversation_key,
+                    r.platform,
+                    Outgoing.from_json(json.loads(r.body)),
+                    r.idempotency_key,
+                    r.attempts,
+                    r.next_attempt_at,
+                )
+                for r in conn.execute(stmt)
+            ]
+
+        return await self.run(op)
+
+    async def mark_sent(self, outbox_id: int) -> None:
+        stmt = (
+            update(OUTBOX).where(OUTBOX.c.id == outbox_id).values(status="sent", sent_at=time.time(), last_error=None)
+        )
+        await self.run(lambda conn: conn.execute(stmt))
+
+    async def mark_retry(self, outbox_id: int, attempts: int, next_attempt_at: float, error: str) -> None:
+        stmt = (
+            update(OUTBOX)
+            .where(OUTBOX.c.id == outbox_id)
+            .values(attempts=attempts, next_attempt_at=next_attempt_at, last_error=error[:500])
+        )
+        await self.run(lambda conn: conn.execute(stmt))
+
+    async def mark_dead(self, outbox_id: int, attempts: int, error: str) -> None:
+        stmt = (
+            update(OUTBOX)
+            .where(OUTBOX.c.id == outbox_id)
+            .values(status="dead", attempts=attempts, last_error=error[:500])
+        )
+        await self.run(lambda conn: conn.execute(stmt))
+
+    async def dead_letters(self, limit: int = 100, platform: str | None = None) -> list[dict[str, Any]]:
+        o = OUTBOX.c
+        stmt = select(OUTBOX).where(o.status == "dead").order_by(o.id.desc()).limit(limit)
+        if platform is not None:
+            stmt = stmt.where(o.platform == platform)
+
+        def op(conn: Connection) -> list[dict[str, Any]]:
+            return [
+                {
+                    "id": r.id,
+                    "conversation": r.conversation_key,
+                    "platform": r.platform,
+                    "item": json.loads(r.body),
+                    "idempotency_key": r.idempotency_key,
+                    "attempts": r.attempts,
+                    "error": r.last_error,
+                    "created_at": r.created_at,
+                }
+                for r in conn.execute(stmt)
+            ]
+
+        return await self.run(op)
+
+    async def redeliver(self, outbox_id: int) -> str | None:
+        """Put a dead letter back in line (it keeps its Idempotency-Key); returns its conversation."""
+        o = OUTBOX.c
+        stmt = (
+            update(OUTBOX)
+            .where(o.id == outbox_id, o.status == "dead")
+            .values(status="pending", attempts=0, next_attempt_at=0.0)
+            .returning(o.conversation_key)
+        )
+        return await self.run(lambda conn: conn.execute(stmt).scalar())
+
+    # -- recovery, health, housekeeping ------------------------------------------------------
+
+    async def work_to_resume(self, owner: str, limit: int = 500) -> list[str]:
+        """Conversations with pending messages or outbox rows and no live lease but ours."""
+        now = time.time()
+        c = CONVERSATION.c
+        keys = union(
+            select(INBOX.c.conversation_key.label("key")).where(INBOX.c.status == "pending"),
+            select(OUTBOX.c.conversation_key.label("key")).where(OUTBOX.c.status == "pending"),
+        ).subquery()
+        held_elsewhere = exists().where(
+            c.key == keys.c.key, c.lease_owner.is_not(None), c.lease_owner != owner, c.lease_until >= now
+        )
+        stmt = select(keys.c.key).where(~held_elsewhere).limit(limit)
+        return await self.run(lambda conn: [r[0] for r in conn.execute(stmt)])
+
+    async def pending_count(self) -> int:
+        stmt = select(func.count()).select_from(INBOX).where(INBOX.c.status == "pending")
+        return int(await self.run(lambda conn: conn.execute(stmt).scalar() or 0))
+
+    async def outbox_counts(self) -> dict[str, int]:
+        o = OUTBOX.c
+        stmt = select(o.status, func.count()).where(o.status.in_(("pending", "dead"))).group_by(o.status)
+
+        def op(conn: Connection) -> dict[str, int]:
+            counts = {"pending": 0, "dead": 0}
+            counts.update({r[0]: int(r[1]) for r in conn.execute(stmt)})
+            counts["retrying"] = int(
+                conn.execute(
+                    select(func.count()).select_from(OUTBOX).where(o.status == "pending", o.attempts > 0)
+                ).scalar()
+                or 0
+            )
+            return counts
+
+        return await self.run(op)
+
+    async def ping(self) -> None:
+        await self.run(lambda conn: conn.execute(text("SELECT 1")).scalar())
+
+    async def purge(self, older_than_days: float) -> int:
+        """Forget handled messages (and their dedupe key) and sent outbox rows past the window."""
+        before = time.time() - older_than_days * 86400
+
+        def op(conn: Connection) -> int:
+            n = conn.execute(delete(INBOX).where(INBOX.c.status == "done", INBOX.c.handled_at < before)).rowcount
+            n += conn.execute(delete(OUTBOX).where(OUTBOX.c.status == "sent", OUTBOX.c.sent_at < before)).rowcount
+            return int(n)
+
+        return await self.run(op)
+
+    async def conversation(self, key: str) -> dict[str, Any] | None:
+        c = CONVERSATION.c
+
+        def op(conn: Connection) -> dict[str, Any] | None:
+            row = conn.execute(select(CONVERSATION).where(c.key == key)).first()
+            if row is None:
+                return None
+            messages = conn.execute(
+                select(INBOX.c.body, INBOX.c.status, INBOX.c.received_at)
+                .where(INBOX.c.conversation_key == key)
+                .order_by(INBOX.c.id)
+            ).all()
+            replies = conn.execute(
+                select(OUTBOX.c.body, OUTBOX.c.status, OUTBOX.c.created_at, OUTBOX.c.attempts, OUTBOX.c.last_error)
+                .where(OUTBOX.c.conversation_key == key)
+                .order_by(OUTBOX.c.id)
+            ).all()
+            return {
+                "key": row.key,
+                "platform": row.platform,
+                "conversation_id": row.external_id,
+                "state": json.loads(row.state) if row.state else None,
+                "lease": {"owner": row.lease_owner, "until": row.lease_until, "epoch": row.epoch},
+                "messages": [
+                    {**json.loads(m.body), "status": m.status, "received_at": m.received_at} for m in messages
+                ],
+                "outbox": [
+                    {**json.loads(r.body), "status": r.status, "attempts": r.attempts, "error": r.last_error}
+                    for r in replies
+                ],
+            }
+
+        return await self.run(op)
+
+
+def _resolve(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for fut, value, err in results:
+        if fut.done():
+            continue
+        if err is not None:
+            fut.set_exception(err)
+        else:
+            fut.set_result(value)
+
+
+def _is_unavailable(exc: BaseException) -> bool:
+    if isinstance(exc, OperationalError | StoreUnavailable):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+def _translate(exc: BaseException) -> BaseException:
+    if isinstance(exc, LeaseLost):
+        return exc
+    if _is_unavailable(exc):
+        log.warning("store unavailable: %s", exc.__class__.__name__)
+        return StoreUnavailable(str(exc).splitlines()[0][:200])
+    return exc
+
+
+def _normalise(url: str) -> str:
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def _make_engine(url: str, durability: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[1] if "///" in url else ""
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        sync = "FULL" if durability == "full" else "NORMAL"
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute(f"PRAGMA synchronous={sync}")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=4)
+
+
+__all__ = [
+    "ConversationRow",
+    "InboxRow",
+    "Lease",
+    "LeaseLost",
+    "OutboxItem",
+    "OutboxRow",
+    "PendingMessage",
+    "Store",
+    "StoreUnavailable",
+    "idempotency_key",
+]

@@ -1,0 +1,1 @@
+"""Web surfaces: the admin API (and later the agent inbox and playground)."""

@@ -1,0 +1,138 @@
+"""The admin JSON API under /api/v1, behind a bearer token, described at /api/v1/openapi.json."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from middleware.services import Services
+
+Handler = Callable[[Request, Services], Awaitable[Response]]
+
+_UNAUTHORIZED = {"401": {"description": "no or bad bearer token"}}
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {"title": "Switchboard admin API", "version": "1"},
+    "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    "security": [{"bearer": []}],
+    "paths": {
+        "/api/v1/status": {
+            "get": {
+                "summary": "Node identity, backlog, outbox counts, flows and platforms.",
+                "responses": {"200": {"description": "status"}, **_UNAUTHORIZED},
+            }
+        },
+        "/api/v1/outbox/dead": {
+            "get": {
+                "summary": "Dead letters: outbox rows a platform refused or that ran out of retries, newest first.",
+                "parameters": [
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                    {"name": "platform", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": {
+                    "200": {"description": "dead letters"},
+                    "400": {"description": "bad limit"},
+                    **_UNAUTHORIZED,
+                },
+            }
+        },
+        "/api/v1/outbox/{id}/redeliver": {
+            "post": {
+                "summary": "Put a dead letter back in line; it keeps its Idempotency-Key.",
+                "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}],
+                "responses": {
+                    "200": {"description": "requeued"},
+                    "404": {"description": "no such dead letter"},
+                    **_UNAUTHORIZED,
+                },
+            }
+        },
+        "/api/v1/conversations/{key}": {
+            "get": {
+                "summary": "A conversation (key is platform:conversation_id): state, lease, messages, outbox.",
+                "parameters": [{"name": "key", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {
+                    "200": {"description": "the conversation"},
+                    "404": {"description": "unknown conversation"},
+                    **_UNAUTHORIZED,
+                },
+            }
+        },
+    },
+}
+
+
+class AdminApi:
+    """Routes of the admin API; with no `admin.token` configured every call answers 401."""
+
+    def __init__(self, token: str | None) -> None:
+        self.token = token or None
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/api/v1/openapi.json", self.openapi, methods=["GET"]),
+            Route("/api/v1/status", self.guard(status), methods=["GET"]),
+            Route("/api/v1/outbox/dead", self.guard(dead_letters), methods=["GET"]),
+            Route("/api/v1/outbox/{id:int}/redeliver", self.guard(redeliver), methods=["POST"]),
+            Route("/api/v1/conversations/{key:path}", self.guard(conversation), methods=["GET"]),
+        ]
+
+    def guard(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        async def guarded(request: Request) -> Response:
+            if self.token is None:
+                return JSONResponse({"error": "admin API disabled: set admin.token in the config"}, status_code=401)
+            scheme, _, value = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token.encode()):
+                return JSONResponse(
+                    {"error": "missing or bad bearer token"}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+                )
+            return await handler(request, request.app.state.services)
+
+        return guarded
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(OPENAPI)
+
+
+async def status(request: Request, s: Services) -> Response:
+    return JSONResponse(
+        {
+            "node": s.node_id,
+            "uptime_seconds": round(time.time() - s.started_at, 1),
+            "backlog": s.dispatcher.backlog,
+            "outbox": await s.store.outbox_counts(),
+            "flows": sorted(s.engine.flows),
+            "platforms": sorted(s.platforms),
+        }
+    )
+
+
+async def dead_letters(request: Request, s: Services) -> Response:
+    raw = request.query_params.get("limit", "100")
+    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        return JSONResponse({"error": "limit must be an integer from 1 to 1000", "field": "limit"}, status_code=400)
+    rows = await s.store.dead_letters(int(raw), request.query_params.get("platform"))
+    return JSONResponse({"dead": rows})
+
+
+async def redeliver(request: Request, s: Services) -> Response:
+    outbox_id = request.path_params["id"]
+    key = await s.store.redeliver(outbox_id)
+    if key is None:
+        return JSONResponse({"error": f"no dead letter with id {outbox_id}"}, status_code=404)
+    s.dispatcher.notify(key)
+    return JSONResponse({"requeued": outbox_id})
+
+
+async def conversation(request: Request, s: Services) -> Response:
+    found = await s.store.conversation(request.path_params["key"])
+    if found is None:
+        return JSONResponse({"error": "no such conversation"}, status_code=404)
+    return JSONResponse(found)
