@@ -122,6 +122,8 @@ def create_app(settings: Settings, *, http: httpx.AsyncClient | None = None) -> 
     admin = AdminApi(settings.admin.token)
     routes = [
         Route("/webhooks/{name}", webhook, methods=["POST"]),
+        # sub-paths and other methods, for platforms that need them (verification GETs, Matrix PUTs)
+        Route("/webhooks/{name}/{rest:path}", webhook, methods=["GET", "POST", "PUT"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Mapping
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from middleware.dispatch import Dispatcher
 from middleware.metrics import Metrics
@@ -56,7 +56,9 @@ class Ingress:
         except TooLarge:
             self.metrics.webhooks.labels(name, "rejected").inc()
             return JSONResponse({"error": f"body larger than {self.max_body_bytes} bytes"}, status_code=413)
-        webhook = WebhookRequest(request.method, body, request.headers, request.query_params)
+        webhook = WebhookRequest(
+            request.method, body, request.headers, request.query_params, request.path_params.get("rest", "")
+        )
         try:
             parsed = platform.parse(webhook)
         except Rejected as exc:
@@ -82,9 +84,11 @@ class Ingress:
             self.metrics.webhooks.labels(name, "accepted").inc(accepted)
         if duplicates:
             self.metrics.webhooks.labels(name, "duplicate").inc(duplicates)
+        if isinstance(parsed.response, str):
+            return PlainTextResponse(parsed.response, status_code=parsed.status)
         if parsed.response is not None:
-            return JSONResponse(parsed.response)
-        return JSONResponse({"accepted": accepted, "duplicates": duplicates})
+            return JSONResponse(parsed.response, status_code=parsed.status)
+        return JSONResponse({"accepted": accepted, "duplicates": duplicates}, status_code=parsed.status)
 
     async def _body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")

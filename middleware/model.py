@@ -16,6 +16,12 @@ from typing import Any, Literal
 MessageType = Literal["text", "postback", "image", "file", "location", "event"]
 MESSAGE_TYPES: tuple[MessageType, ...] = ("text", "postback", "image", "file", "location", "event")
 
+#: Names of `type: event` messages (in `payload["event"]`) that platforms and timers emit.
+EVENT_CONVERSATION_STARTED = "conversation.started"
+EVENT_AGENT_ASSIGNED = "agent.assigned"
+EVENT_AGENT_RESOLVED = "agent.resolved"
+EVENT_AGENT_MESSAGE = "agent.message"
+
 
 class Owner(StrEnum):
     """Who answers a conversation now."""
@@ -53,6 +59,8 @@ class Inbound:
     payload: dict[str, Any] = field(default_factory=dict)
     attachments: tuple[Attachment, ...] = ()
     timestamp: datetime | None = None
+    #: the platform's sub-channel, where it has one (a WhatsApp number, a Qiscus channel)
+    channel: str | None = None
 
     @property
     def conversation_key(self) -> str:
@@ -69,6 +77,7 @@ class Inbound:
             "payload": self.payload,
             "attachments": [{"type": a.type, "url": a.url, "name": a.name} for a in self.attachments],
             "timestamp": self.timestamp.isoformat() if self.timestamp else None,
+            "channel": self.channel,
         }
 
     @classmethod
@@ -85,6 +94,7 @@ class Inbound:
             payload=data.get("payload") or {},
             attachments=tuple(Attachment(a["type"], a["url"], a.get("name")) for a in data.get("attachments", ())),
             timestamp=datetime.fromisoformat(ts) if ts else None,
+            channel=data.get("channel"),
         )
 
 
@@ -100,26 +110,68 @@ class Button:
 
 
 @dataclass(frozen=True, slots=True)
+class Card:
+    """A card: title, text, an optional image and buttons (several make a carousel)."""
+
+    title: str
+    text: str = ""
+    image_url: str | None = None
+    buttons: tuple[Button, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "title": self.title,
+            "text": self.text,
+            "image_url": self.image_url,
+            "buttons": [{"title": b.title, "payload": b.payload} for b in self.buttons],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Card:
+        return cls(
+            data["title"],
+            data.get("text", ""),
+            data.get("image_url"),
+            tuple(Button(b["title"], b["payload"]) for b in data.get("buttons", ())),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Reply:
-    """What the bot says: text, optional buttons and attachments."""
+    """What the bot says: text, optional buttons, quick replies, cards and attachments.
+
+    Platforms without a rich form send `plain_text()`, which keeps every option readable.
+    """
 
     text: str = ""
     buttons: tuple[Button, ...] = ()
     attachments: tuple[Attachment, ...] = ()
+    quick_replies: tuple[Button, ...] = ()
+    cards: tuple[Card, ...] = ()
 
     def plain_text(self) -> str:
-        """The reply as text alone, for platforms without buttons or attachments."""
+        """The reply as text alone, for platforms without buttons, cards or attachments."""
         lines = [self.text] if self.text else []
-        lines += [f"{i}. {b.title}" for i, b in enumerate(self.buttons, 1)]
+        for card in self.cards:
+            lines.append(f"*{card.title}*" + (f"\n{card.text}" if card.text else ""))
+            if card.image_url:
+                lines.append(card.image_url)
+            lines += [f"- {b.title}" for b in card.buttons]
+        lines += [f"{i}. {b.title}" for i, b in enumerate(self.buttons + self.quick_replies, 1)]
         lines += [a.url if not a.name else f"{a.name}: {a.url}" for a in self.attachments]
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "text": self.text,
             "buttons": [{"title": b.title, "payload": b.payload} for b in self.buttons],
             "attachments": [{"type": a.type, "url": a.url, "name": a.name} for a in self.attachments],
         }
+        if self.quick_replies:
+            data["quick_replies"] = [{"title": b.title, "payload": b.payload} for b in self.quick_replies]
+        if self.cards:
+            data["cards"] = [c.to_json() for c in self.cards]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Reply:
@@ -127,6 +179,8 @@ class Reply:
             text=data.get("text", ""),
             buttons=tuple(Button(b["title"], b["payload"]) for b in data.get("buttons", ())),
             attachments=tuple(Attachment(a["type"], a["url"], a.get("name")) for a in data.get("attachments", ())),
+            quick_replies=tuple(Button(b["title"], b["payload"]) for b in data.get("quick_replies", ())),
+            cards=tuple(Card.from_json(c) for c in data.get("cards", ())),
         )
 
 
@@ -144,22 +198,33 @@ class SetVariable:
     value: Any
 
 
-Action = Handoff | SetVariable
+@dataclass(frozen=True, slots=True)
+class Resolve:
+    """The conversation is done (an agent resolved it, or the bot ended it)."""
+
+    reason: str = ""
+
+
+Action = Handoff | SetVariable | Resolve
 
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
     """One call to a platform's API, as stored in the outbox and handed to the platform module.
 
-    `kind` is "message" (with `reply`), "typing" (with `typing`) or "read" (with `message_id`).
+    `kind` is "message" (with `reply`), "typing" (with `typing`), "read", "handoff" (with
+    `handoff`: turn the bot off and ask the platform's own agent tools for a human) or "release"
+    (the bot takes the conversation back). `message_id` names the user's message being answered
+    or read (platforms such as WhatsApp tie typing to it).
     """
 
-    kind: Literal["message", "typing", "read"]
+    kind: Literal["message", "typing", "read", "handoff", "release"]
     conversation_id: str
     reply: Reply | None = None
     reply_to: str | None = None
     typing: bool = False
     message_id: str | None = None
+    handoff: Handoff | None = None
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"kind": self.kind, "conversation_id": self.conversation_id}
@@ -171,11 +236,14 @@ class Outgoing:
             data["typing"] = self.typing
         if self.message_id is not None:
             data["message_id"] = self.message_id
+        if self.handoff is not None:
+            data["handoff"] = {"queue": self.handoff.queue, "reason": self.handoff.reason}
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Outgoing:
         reply = data.get("reply")
+        handoff = data.get("handoff")
         return cls(
             kind=data["kind"],
             conversation_id=data["conversation_id"],
@@ -183,6 +251,7 @@ class Outgoing:
             reply_to=data.get("reply_to"),
             typing=bool(data.get("typing", False)),
             message_id=data.get("message_id"),
+            handoff=Handoff(handoff["queue"], handoff.get("reason", "")) if handoff else None,
         )
 
 
@@ -195,6 +264,15 @@ class ConversationState:
     vars: dict[str, Any] = field(default_factory=dict)
     turns: int = 0
     owner: Owner = Owner.BOT
+    #: consecutive turns the bot did not understand
+    misses: int = 0
+    counters: dict[str, int] = field(default_factory=dict)
+    #: flows called with `call`, to `return` to: [{"flow", "state"}]
+    stack: list[dict[str, str]] = field(default_factory=list)
+    #: bumped on every state entry; a state timeout fires only if it still matches
+    entered: int = 0
+    #: recent turns for connectors: [["user" | "bot", text]]
+    history: list[list[str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -203,6 +281,11 @@ class ConversationState:
             "vars": self.vars,
             "turns": self.turns,
             "owner": self.owner.value,
+            "misses": self.misses,
+            "counters": self.counters,
+            "stack": self.stack,
+            "entered": self.entered,
+            "history": self.history,
         }
 
     @classmethod
@@ -215,14 +298,34 @@ class ConversationState:
             vars=dict(data.get("vars") or {}),
             turns=int(data.get("turns", 0)),
             owner=Owner(data.get("owner", "bot")),
+            misses=int(data.get("misses", 0)),
+            counters=dict(data.get("counters") or {}),
+            stack=list(data.get("stack") or []),
+            entered=int(data.get("entered", 0)),
+            history=[list(h) for h in data.get("history") or []],
         )
+
+    def copy(self) -> ConversationState:
+        return ConversationState.from_json(self.to_json())
+
+
+@dataclass(frozen=True, slots=True)
+class Timer:
+    """Something to happen later in a conversation: it comes back as a `type: event` message."""
+
+    after: float
+    name: str
+    payload: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
 class TurnResult:
-    """What one turn decided: replies to send, actions taken, and the state to keep."""
+    """What one turn decided: replies to send, actions taken, timers to set, the state to keep."""
 
     replies: tuple[Reply, ...]
     actions: tuple[Action, ...]
     state: ConversationState
     trace: tuple[str, ...] = ()
+    timers: tuple[Timer, ...] = ()
+    #: timer names to cancel (a state left cancels its timeout)
+    cancel_timers: tuple[str, ...] = ()

@@ -26,9 +26,12 @@ log = logging.getLogger("switchboard.turn")
 class Typing:
     """A typing indicator's lifecycle within one turn."""
 
-    def __init__(self, platform: Platform, conversation_id: str, key_prefix: str, delay: float) -> None:
+    def __init__(
+        self, platform: Platform, conversation_id: str, message_id: str, key_prefix: str, delay: float
+    ) -> None:
         self.platform = platform
         self.conversation_id = conversation_id
+        self.message_id = message_id
         self.key_prefix = key_prefix
         self.delay = delay
         self.refresh = max(0.5, platform.typing_ttl * 0.6)
@@ -49,7 +52,8 @@ class Typing:
             n += 1
             try:
                 await self.platform.deliver(
-                    Outgoing("typing", self.conversation_id, typing=True), f"{self.key_prefix}-on-{n}"
+                    Outgoing("typing", self.conversation_id, typing=True, message_id=self.message_id),
+                    f"{self.key_prefix}-on-{n}",
                 )
                 self.sent_on = True
             except DeliveryError as exc:
@@ -90,7 +94,7 @@ class TurnRunner:
                 )
             )
         delay = platform.config.typing_delay if platform.config.typing_delay is not None else self.settings.typing.delay
-        typing = Typing(platform, message.conversation_id, key_of("typing"), delay)
+        typing = Typing(platform, message.conversation_id, message.message_id, key_of("typing"), delay)
         typing.start()
         replies: tuple[Reply, ...]
         try:
@@ -119,14 +123,21 @@ class TurnRunner:
             for i, r in enumerate(replies)
         ]
         if typing_was_on:
-            outgoing.append((Outgoing("typing", message.conversation_id, typing=False), key_of("typing-off")))
+            outgoing.append(
+                (
+                    Outgoing("typing", message.conversation_id, typing=False, message_id=message.message_id),
+                    key_of("typing-off"),
+                )
+            )
         try:
             await self.store.commit_turn(lease, [pending.inbox_id], new_state, outgoing)
         except BaseException:
             if typing_was_on:
                 self._spawn(
                     self._send_now(
-                        platform, Outgoing("typing", message.conversation_id, typing=False), key_of("typing-off")
+                        platform,
+                        Outgoing("typing", message.conversation_id, typing=False, message_id=message.message_id),
+                        key_of("typing-off"),
                     )
                 )
             raise

@@ -1,37 +1,70 @@
-"""Flow objects: what a YAML flow compiles to, and how they decide.
+"""Flow objects: what a YAML flow compiles to, and the context a turn runs in.
 
-Conditions and actions are small classes with one method each, so the language grows by
-adding a class and its parser entry in `loader.py`.
+A flow is states with `enter` actions and ordered routes (`when` -> `do`). Conditions and
+actions are small classes (`conditions.py`, `actions.py`), each with a `from_yaml` that the
+loader calls; the language grows by adding a class to one of those registries.
 """
 
 from __future__ import annotations
 
-import asyncio
-import re
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from middleware.engine.templates import Template
-from middleware.model import Button, Inbound, Reply
+from connectors.base import NLU, Connector
+from middleware.engine.hours import Hours
+from middleware.model import Action as CoreAction
+from middleware.model import ConversationState, Inbound, Reply, Timer
+
+if TYPE_CHECKING:
+    import httpx
+
+    from middleware.engine.loader import Compiler
+    from middleware.yamlfile import PathKey
+
+
+@dataclass(slots=True)
+class Resources:
+    """What actions may use beyond the turn: connectors, the shared HTTP client, limits."""
+
+    connectors: Mapping[str, Connector] = field(default_factory=dict)
+    http: httpx.AsyncClient | None = None
+    #: hosts the `http` action may call; empty means any
+    http_allow: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
 class TurnContext:
-    """What conditions and actions see during one turn."""
+    """What conditions and actions see and change during one turn."""
 
     message: Inbound
-    vars: dict[str, Any]
-    state: str
-    flow: str
-    turns: int
+    state: ConversationState
+    flow: Flow
+    resources: Resources
+    deadline: float
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    first: bool = False
+    nlu: NLU | None = None
     replies: list[Reply] = field(default_factory=list)
+    actions: list[CoreAction] = field(default_factory=list)
+    timers: list[Timer] = field(default_factory=list)
+    cancel_timers: list[str] = field(default_factory=list)
     trace: list[str] = field(default_factory=list)
     goto: str | None = None
+    #: a `call` or `return` switched flows: (flow name, state)
+    switch: tuple[str, str] | None = None
     stopped: bool = False
+    missed: bool = False
+
+    @property
+    def vars(self) -> dict[str, Any]:
+        return self.state.vars
 
     def template_context(self) -> dict[str, Any]:
         m = self.message
+        nlu = self.nlu
         return {
             "message": {
                 "text": m.text,
@@ -39,159 +72,80 @@ class TurnContext:
                 "payload": m.payload,
                 "id": m.message_id,
                 "platform": m.platform,
+                "channel": m.channel,
             },
-            "vars": self.vars,
-            "user": {"id": m.sender.id, "name": m.sender.name or "", **m.sender.attributes},
-            "conversation": {"id": m.conversation_id, "platform": m.platform, "state": self.state, "flow": self.flow},
+            "vars": self.state.vars,
+            "user": {
+                "id": m.sender.id,
+                "name": m.sender.name or "",
+                **m.sender.attributes,
+                **(self.state.vars.get("user") or {}),
+            },
+            "conversation": {
+                "id": m.conversation_id,
+                "platform": m.platform,
+                "state": self.state.state,
+                "flow": self.flow.name,
+                "turns": self.state.turns,
+                "owner": self.state.owner.value,
+            },
+            "nlu": {
+                "intent": nlu.intent if nlu else None,
+                "confidence": nlu.confidence if nlu else 0.0,
+                "entities": {e.name: e.value for e in nlu.entities} if nlu else {},
+            },
+            "now": self.now,
         }
 
 
-# -- conditions ------------------------------------------------------------------------------
-
-
 class Condition(ABC):
-    """A test on the turn; `when:` mappings compile to these."""
+    """A test on the turn. `key` is its name in a `when:` mapping."""
+
+    key: ClassVar[str]
+    #: the condition needs NLU (the flow's `nlu` connector is asked before routing)
+    needs_nlu: ClassVar[bool] = False
 
     @abstractmethod
     def test(self, ctx: TurnContext) -> bool: ...
 
+    @classmethod
+    @abstractmethod
+    def from_yaml(cls, c: Compiler, value: Any, path: PathKey) -> Condition: ...
 
-@dataclass(frozen=True, slots=True)
-class TextEquals(Condition):
-    values: tuple[str, ...]
-
-    def test(self, ctx: TurnContext) -> bool:
-        text = ctx.message.text.strip().casefold()
-        return any(text == v.casefold() for v in self.values)
-
-
-@dataclass(frozen=True, slots=True)
-class TextContains(Condition):
-    values: tuple[str, ...]
-
-    def test(self, ctx: TurnContext) -> bool:
-        text = ctx.message.text.casefold()
-        return any(v.casefold() in text for v in self.values)
-
-
-@dataclass(frozen=True, slots=True)
-class TextMatches(Condition):
-    pattern: re.Pattern[str]
-
-    def test(self, ctx: TurnContext) -> bool:
-        return self.pattern.search(ctx.message.text) is not None
-
-
-@dataclass(frozen=True, slots=True)
-class TypeIs(Condition):
-    types: tuple[str, ...]
-
-    def test(self, ctx: TurnContext) -> bool:
-        return ctx.message.type in self.types
-
-
-@dataclass(frozen=True, slots=True)
-class PostbackIs(Condition):
-    payloads: tuple[str, ...]
-
-    def test(self, ctx: TurnContext) -> bool:
-        if ctx.message.type != "postback":
-            return False
-        value = ctx.message.payload.get("payload", ctx.message.text)
-        return str(value) in self.payloads
-
-
-@dataclass(frozen=True, slots=True)
-class AllOf(Condition):
-    parts: tuple[Condition, ...]
-
-    def test(self, ctx: TurnContext) -> bool:
-        return all(p.test(ctx) for p in self.parts)
-
-
-@dataclass(frozen=True, slots=True)
-class AnyOf(Condition):
-    parts: tuple[Condition, ...]
-
-    def test(self, ctx: TurnContext) -> bool:
-        return any(p.test(ctx) for p in self.parts)
-
-
-@dataclass(frozen=True, slots=True)
-class Not(Condition):
-    part: Condition
-
-    def test(self, ctx: TurnContext) -> bool:
-        return not self.part.test(ctx)
-
-
-class Always(Condition):
-    def test(self, ctx: TurnContext) -> bool:
-        return True
-
-
-# -- actions ---------------------------------------------------------------------------------
+    def children(self) -> tuple[Condition, ...]:
+        return ()
 
 
 class Action(ABC):
-    """One step of a route's `do:` list."""
+    """One step of a `do:` or `enter:` list. `key` is its name in YAML."""
+
+    key: ClassVar[str]
 
     @abstractmethod
     async def run(self, ctx: TurnContext) -> None: ...
 
+    @classmethod
+    @abstractmethod
+    def from_yaml(cls, c: Compiler, value: Any, path: PathKey) -> Action | None: ...
 
-@dataclass(frozen=True, slots=True)
-class ReplyAction(Action):
-    text: Template
-    buttons: tuple[tuple[Template, str], ...] = ()
-
-    async def run(self, ctx: TurnContext) -> None:
-        tctx = ctx.template_context()
-        buttons = tuple(Button(t.render(tctx), p) for t, p in self.buttons)
-        ctx.replies.append(Reply(text=self.text.render(tctx), buttons=buttons))
-
-
-@dataclass(frozen=True, slots=True)
-class SetAction(Action):
-    values: tuple[tuple[str, Template | Any], ...]
-
-    async def run(self, ctx: TurnContext) -> None:
-        tctx = ctx.template_context()
-        for name, value in self.values:
-            ctx.vars[name] = value.render(tctx) if isinstance(value, Template) else value
-
-
-@dataclass(frozen=True, slots=True)
-class GotoAction(Action):
-    state: str
-
-    async def run(self, ctx: TurnContext) -> None:
-        ctx.goto = self.state
-
-
-class StopAction(Action):
-    async def run(self, ctx: TurnContext) -> None:
-        ctx.stopped = True
-
-
-@dataclass(frozen=True, slots=True)
-class WaitAction(Action):
-    """Pause the turn (typing shows meanwhile where the platform has it)."""
-
-    seconds: float
-
-    async def run(self, ctx: TurnContext) -> None:
-        await asyncio.sleep(self.seconds)
-
-
-# -- structure -------------------------------------------------------------------------------
+    def targets(self) -> tuple[str, ...]:
+        """States this action may move to (for graphs and reachability)."""
+        return ()
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    when: Condition
+    when: Condition | None
     do: tuple[Action, ...]
     where: str  # "file:line" of the route, for traces
+    #: this route means "the bot did not understand" (counts toward the flow's fallback)
+    miss: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StateTimeout:
+    after: float
+    do: tuple[Action, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +153,33 @@ class State:
     name: str
     enter: tuple[Action, ...] = ()
     routes: tuple[Route, ...] = ()
+    timeout: StateTimeout | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Fallback:
+    after: int
+    do: tuple[Action, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Coalesce:
+    window: float
+    cancel_inflight: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    platforms: tuple[str, ...] = ()
+    channels: tuple[str, ...] = ()
+    sender: tuple[tuple[str, Any], ...] = ()
+
+    def fits(self, message: Inbound) -> bool:
+        if self.platforms and message.platform not in self.platforms:
+            return False
+        if self.channels and message.channel not in self.channels:
+            return False
+        return all(message.sender.attributes.get(k) == v for k, v in self.sender)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +190,16 @@ class Flow:
     start: str
     always: tuple[Route, ...] = ()
     vars: dict[str, Any] = field(default_factory=dict)
-    platforms: tuple[str, ...] = ()
+    match: Match = Match()
+    hours: dict[str, Hours] = field(default_factory=dict)
+    #: event name -> actions (conversation.started, agent.resolved, connector.failed, ...)
+    on: dict[str, tuple[Action, ...]] = field(default_factory=dict)
+    fallback: Fallback | None = None
+    coalesce: Coalesce | None = None
+    #: connector asked for NLU before routing, when a route uses `intent` or `entity`
+    nlu: str | None = None
+    #: everything `schedule` may run later, by reference
+    scheduled: dict[str, tuple[Action, ...]] = field(default_factory=dict)
 
     def serves(self, message: Inbound) -> bool:
-        return not self.platforms or message.platform in self.platforms
+        return self.match.fits(message)

@@ -1,50 +1,53 @@
 """YAML flows -> validated `Flow` objects, every mistake reported at its file:line:col.
 
 Flow files are `*.yaml` / `*.yml` in the flows folder; `*.test.yaml` files beside them are
-conversation tests, not flows.
+conversation tests, not flows. Checks beyond the shape: unknown states, flows, connectors,
+queues and hours calendars; bad regular expressions and template syntax; states nothing leads
+to; states with no way out.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from middleware.engine.flow import (
-    Action,
-    AllOf,
-    Always,
-    AnyOf,
-    Condition,
-    Flow,
-    GotoAction,
-    Not,
-    PostbackIs,
-    ReplyAction,
-    Route,
-    SetAction,
-    State,
-    StopAction,
-    TextContains,
-    TextEquals,
-    TextMatches,
-    TypeIs,
-    WaitAction,
-)
+from middleware.engine.actions import ACTIONS
+from middleware.engine.conditions import CONDITIONS, AllOf, needs_nlu
+from middleware.engine.flow import Action, Coalesce, Condition, Fallback, Flow, Match, Route, State, StateTimeout
+from middleware.engine.hours import Hours, parse_hours
 from middleware.engine.templates import Template, template_error
-from middleware.model import MESSAGE_TYPES
 from middleware.yamlfile import ConfigError, PathKey, Problem, YamlDoc, load_yaml, nearest
 
-FLOW_KEYS = ("$schema", "flow", "description", "match", "vars", "always", "states", "start")
-STATE_KEYS = ("enter", "routes", "description")
-ROUTE_KEYS = ("when", "do", "description")
-MATCH_KEYS = ("platform",)
-TEXT_KEYS = ("equals", "contains", "matches")
-CONDITION_KEYS = ("text", "type", "postback", "all", "any", "not")
-ACTION_KEYS = ("reply", "goto", "set", "wait", "stop")
-REPLY_KEYS = ("text", "buttons")
-BUTTON_KEYS = ("title", "payload")
+FLOW_KEYS = (
+    "$schema",
+    "flow",
+    "description",
+    "match",
+    "vars",
+    "always",
+    "states",
+    "start",
+    "hours",
+    "on",
+    "fallback",
+    "coalesce",
+    "nlu",
+)
+STATE_KEYS = ("enter", "routes", "timeout", "description")
+ROUTE_KEYS = ("when", "do", "miss", "description")
+MATCH_KEYS = ("platform", "channel", "sender")
+EVENTS = ("conversation.started", "agent.resolved", "agent.assigned", "connector.failed", "handoff.timeout")
+
+
+@dataclass(frozen=True, slots=True)
+class Known:
+    """Names a flow may refer to that live outside it; None means "not checked"."""
+
+    connectors: frozenset[str] | None = None
+    queues: frozenset[str] | None = None
 
 
 def is_flow_file(path: Path) -> bool:
@@ -57,10 +60,12 @@ def flow_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and is_flow_file(p))
 
 
-def load_flows(root: Path) -> dict[str, Flow]:
+def load_flows(root: Path, known: Known | None = None) -> dict[str, Flow]:
     """Load every flow under `root`; raise ConfigError with all problems of all files."""
+    known = known or Known()
     problems: list[Problem] = []
     flows: dict[str, Flow] = {}
+    compilers: list[Compiler] = []
     files = flow_files(root)
     if not files:
         raise ConfigError([Problem(str(root), 1, 1, "no flow files (*.yaml) found")])
@@ -70,86 +75,79 @@ def load_flows(root: Path) -> dict[str, Flow]:
         except ConfigError as exc:
             problems += exc.problems
             continue
-        compiler = _Compiler(doc)
+        compiler = Compiler(doc, known)
         flow = compiler.flow()
-        problems += compiler.problems
+        compilers.append(compiler)
         if flow is None:
             continue
         if flow.name in flows:
-            problems.append(
-                doc.problem(("flow",), f"flow name {flow.name!r} is already used by {flows[flow.name].file}")
-            )
+            compiler.error(("flow",), f"flow name {flow.name!r} is already used by {flows[flow.name].file}")
             continue
         flows[flow.name] = flow
+    for compiler in compilers:
+        compiler.check_flow_refs(flows)
+        problems += compiler.problems
     if problems:
         raise ConfigError(problems)
     return flows
 
 
-class _Compiler:
-    def __init__(self, doc: YamlDoc) -> None:
+def check_flows(root: Path, known: Known | None = None) -> list[Problem]:
+    try:
+        load_flows(root, known)
+    except ConfigError as exc:
+        return exc.problems
+    return []
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float | None:
+    """Seconds from `1.5s`, `500ms`, `10m`, `2h`, `1d` or a bare number of seconds."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value) if value >= 0 else None
+    if not isinstance(value, str):
+        return None
+    m = _DURATION.match(value)
+    if m is None:
+        return None
+    return float(m.group(1)) * _UNIT[m.group(2)]
+
+
+class Compiler:
+    """Compiles one flow document; conditions and actions call back into it for shared checks."""
+
+    def __init__(self, doc: YamlDoc, known: Known) -> None:
         self.doc = doc
+        self.known = known
         self.problems: list[Problem] = []
-        self.gotos: list[tuple[PathKey, str]] = []
+        self.gotos: list[tuple[str, PathKey]] = []
+        self.flow_refs: list[tuple[str, PathKey]] = []
+        self.hours_refs: list[tuple[str, PathKey]] = []
+        self.scheduled_actions: dict[str, tuple[Action, ...]] = {}
+        self.uses_nlu: list[PathKey] = []
+
+    # -- reporting -----------------------------------------------------------------------------
 
     def error(self, path: PathKey, message: str, *, key: bool = False) -> None:
         self.problems.append(self.doc.problem(path, message, key=key))
 
-    def keys(self, value: dict[str, Any], path: PathKey, allowed: tuple[str, ...], what: str) -> None:
+    def unknown(self, path: PathKey, name: str, valid: Iterable[str], what: str, *, key: bool = True) -> None:
+        valid = list(valid)
+        where = (*path, name) if key else path
+        self.error(where, f"unknown {what} {name!r}{nearest(str(name), valid)}", key=key)
+
+    def known_keys(self, value: dict[str, Any], path: PathKey, allowed: Iterable[str], what: str) -> None:
+        allowed = tuple(allowed)
         for k in value:
             if k not in allowed:
                 self.error((*path, k), f"unknown key '{k}' in {what}{nearest(k, allowed)}", key=True)
 
-    def flow(self) -> Flow | None:
-        data = self.doc.data
-        if not isinstance(data, dict):
-            self.error((), "a flow file must be a mapping with 'flow' and 'states'")
-            return None
-        self.keys(data, (), FLOW_KEYS, "flow")
-        name = data.get("flow")
-        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name or ""):
-            self.error(("flow",) if "flow" in data else (), "flow needs a name (letters, digits, _ . -)")
-            name = Path(self.doc.file).stem
-        raw_states = data.get("states")
-        if not isinstance(raw_states, dict) or not raw_states:
-            self.error(
-                ("states",) if "states" in data else (), "a flow needs 'states', a mapping of state name -> state"
-            )
-            return None
-        states = {}
-        for sname, raw in raw_states.items():
-            state = self.state(sname, raw, ("states", sname))
-            if state is not None:
-                states[sname] = state
-        always = self.routes(data.get("always", []), ("always",))
-        start = data.get("start", next(iter(raw_states)))
-        if start not in raw_states:
-            self.error(("start",), f"start state {start!r} is not defined{nearest(str(start), raw_states)}")
-        for path, target in self.gotos:
-            if target not in raw_states:
-                self.error(path, f"goto to unknown state {target!r}{nearest(target, raw_states)}")
-        variables = data.get("vars", {})
-        if not isinstance(variables, dict):
-            self.error(("vars",), "vars must be a mapping")
-            variables = {}
-        platforms = self.match(data.get("match", {}))
-        return Flow(
-            name=name,
-            file=self.doc.file,
-            states=states,
-            start=start,
-            always=always,
-            vars=variables,
-            platforms=platforms,
-        )
-
-    def match(self, raw: Any) -> tuple[str, ...]:
-        if not isinstance(raw, dict):
-            self.error(("match",), "match must be a mapping, e.g. {platform: [myapp]}")
-            return ()
-        self.keys(raw, ("match",), MATCH_KEYS, "match")
-        platform = raw.get("platform", [])
-        return tuple(self.strings(platform, ("match", "platform")))
+    # -- shared value parsers ------------------------------------------------------------------
 
     def strings(self, raw: Any, path: PathKey) -> list[str]:
         items = raw if isinstance(raw, list) else [raw]
@@ -161,132 +159,15 @@ class _Compiler:
                 out.append(str(item))
         return out
 
-    def state(self, name: str, raw: Any, path: PathKey) -> State | None:
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            self.error(path, f"state {name!r} must be a mapping with 'enter' and/or 'routes'")
+    def regex(self, raw: Any, path: PathKey) -> re.Pattern[str] | None:
+        if not isinstance(raw, str):
+            self.error(path, "expected a regular expression string")
             return None
-        self.keys(raw, path, STATE_KEYS, f"state {name!r}")
-        enter = self.actions(raw.get("enter", []), (*path, "enter"))
-        routes = self.routes(raw.get("routes", []), (*path, "routes"))
-        return State(name, enter, routes)
-
-    def routes(self, raw: Any, path: PathKey) -> tuple[Route, ...]:
-        if not isinstance(raw, list):
-            self.error(path, "routes must be a list of {when, do}")
-            return ()
-        out = []
-        for i, item in enumerate(raw):
-            rpath = (*path, i)
-            if not isinstance(item, dict):
-                self.error(rpath, "a route must be a mapping with 'do' (and optionally 'when')")
-                continue
-            self.keys(item, rpath, ROUTE_KEYS, "route")
-            when = self.condition(item["when"], (*rpath, "when")) if "when" in item else Always()
-            if "do" not in item:
-                self.error(rpath, "a route needs 'do', the actions to take")
-            line, _ = self.doc.where(rpath)
-            out.append(Route(when, self.actions(item.get("do", []), (*rpath, "do")), f"{self.doc.file}:{line}"))
-        return tuple(out)
-
-    def condition(self, raw: Any, path: PathKey) -> Condition:
-        if not isinstance(raw, dict) or not raw:
-            self.error(path, "a condition must be a mapping, e.g. {text: {matches: '^hi'}}")
-            return Always()
-        parts: list[Condition] = []
-        for key, value in raw.items():
-            cpath = (*path, key)
-            parser = self._condition_parsers.get(key)
-            if parser is None:
-                self.error(cpath, f"unknown condition '{key}'{nearest(key, CONDITION_KEYS)}", key=True)
-                continue
-            parts.append(parser(self, value, cpath))
-        return parts[0] if len(parts) == 1 else AllOf(tuple(parts))
-
-    def _text(self, value: Any, path: PathKey) -> Condition:
-        if isinstance(value, str):
-            return TextEquals((value,))
-        if not isinstance(value, dict) or not value:
-            self.error(path, "text takes a string or {equals | contains | matches}")
-            return Always()
-        self.keys(value, path, TEXT_KEYS, "text condition")
-        parts: list[Condition] = []
-        if "equals" in value:
-            parts.append(TextEquals(tuple(self.strings(value["equals"], (*path, "equals")))))
-        if "contains" in value:
-            parts.append(TextContains(tuple(self.strings(value["contains"], (*path, "contains")))))
-        if "matches" in value:
-            pattern = value["matches"]
-            if not isinstance(pattern, str):
-                self.error((*path, "matches"), "matches takes a regular expression string")
-            else:
-                try:
-                    parts.append(TextMatches(re.compile(pattern)))
-                except re.error as exc:
-                    self.error((*path, "matches"), f"bad regular expression: {exc}")
-        if not parts:
-            return Always()
-        return parts[0] if len(parts) == 1 else AllOf(tuple(parts))
-
-    def _type(self, value: Any, path: PathKey) -> Condition:
-        types = self.strings(value, path)
-        for t in types:
-            if t not in MESSAGE_TYPES:
-                self.error(
-                    path, f"unknown message type {t!r}{nearest(t, MESSAGE_TYPES)}; one of {', '.join(MESSAGE_TYPES)}"
-                )
-        return TypeIs(tuple(types))
-
-    def _postback(self, value: Any, path: PathKey) -> Condition:
-        return PostbackIs(tuple(self.strings(value, path)))
-
-    def _all(self, value: Any, path: PathKey) -> Condition:
-        return AllOf(tuple(self._list_of_conditions(value, path)))
-
-    def _any(self, value: Any, path: PathKey) -> Condition:
-        return AnyOf(tuple(self._list_of_conditions(value, path)))
-
-    def _not(self, value: Any, path: PathKey) -> Condition:
-        return Not(self.condition(value, path))
-
-    def _list_of_conditions(self, value: Any, path: PathKey) -> list[Condition]:
-        if not isinstance(value, list) or not value:
-            self.error(path, "expected a non-empty list of conditions")
-            return []
-        return [self.condition(v, (*path, i)) for i, v in enumerate(value)]
-
-    _condition_parsers: dict[str, Callable[[_Compiler, Any, PathKey], Condition]] = {
-        "text": _text,
-        "type": _type,
-        "postback": _postback,
-        "all": _all,
-        "any": _any,
-        "not": _not,
-    }
-
-    def actions(self, raw: Any, path: PathKey) -> tuple[Action, ...]:
-        if not isinstance(raw, list):
-            self.error(path, "expected a list of actions")
-            return ()
-        out: list[Action] = []
-        for i, item in enumerate(raw):
-            apath = (*path, i)
-            if isinstance(item, str) and item == "stop":
-                out.append(StopAction())
-                continue
-            if not isinstance(item, dict) or len(item) != 1:
-                self.error(apath, f"an action is a mapping with one key: {', '.join(ACTION_KEYS)}")
-                continue
-            ((key, value),) = item.items()
-            parser = self._action_parsers.get(key)
-            if parser is None:
-                self.error((*apath, key), f"unknown action '{key}'{nearest(key, ACTION_KEYS)}", key=True)
-                continue
-            action = parser(self, value, (*apath, key))
-            if action is not None:
-                out.append(action)
-        return tuple(out)
+        try:
+            return re.compile(raw)
+        except re.error as exc:
+            self.error(path, f"bad regular expression: {exc}")
+            return None
 
     def template(self, raw: Any, path: PathKey) -> Template:
         if not isinstance(raw, str | int | float) or isinstance(raw, bool):
@@ -300,90 +181,306 @@ class _Compiler:
             return Template("")
         return Template(source)
 
-    def _reply(self, value: Any, path: PathKey) -> Action | None:
-        if isinstance(value, str | int | float) and not isinstance(value, bool):
-            return ReplyAction(self.template(value, path))
-        if not isinstance(value, dict):
-            self.error(path, "reply takes text or {text, buttons}")
+    def duration(self, raw: Any, path: PathKey, maximum: float = 30 * 86400) -> float | None:
+        seconds = parse_duration(raw)
+        if seconds is None or seconds > maximum:
+            self.error(path, f"expected a duration such as 500ms, 1.5s, 10m, 2h (at most {maximum:g}s)")
             return None
-        self.keys(value, path, REPLY_KEYS, "reply")
-        text = self.template(value.get("text", ""), (*path, "text"))
-        buttons = []
-        raw_buttons = value.get("buttons", [])
-        if not isinstance(raw_buttons, list):
-            self.error((*path, "buttons"), "buttons must be a list of {title, payload} or strings")
-            raw_buttons = []
-        for i, b in enumerate(raw_buttons):
-            bpath = (*path, "buttons", i)
-            if isinstance(b, str):
-                buttons.append((self.template(b, bpath), b))
-            elif isinstance(b, dict) and "title" in b:
-                self.keys(b, bpath, BUTTON_KEYS, "button")
-                payload = b.get("payload", b["title"])
-                buttons.append((self.template(b["title"], (*bpath, "title")), str(payload)))
+        return seconds
+
+    # -- references checked after the whole flow (or all flows) are read -----------------------
+
+    def note_goto(self, state: str, path: PathKey) -> None:
+        self.gotos.append((state, path))
+
+    def note_flow(self, flow: str, path: PathKey) -> None:
+        self.flow_refs.append((flow, path))
+
+    def note_hours(self, name: str, path: PathKey) -> None:
+        self.hours_refs.append((name, path))
+
+    def note_connector(self, name: str, path: PathKey) -> None:
+        known = self.known.connectors
+        if known is not None and name not in known:
+            listed = ", ".join(sorted(known)) or "none configured"
+            self.error(path, f"unknown connector {name!r}{nearest(name, known)}; configured: {listed}")
+
+    def note_queue(self, name: str, path: PathKey) -> None:
+        known = self.known.queues
+        if known is not None and name not in known:
+            listed = ", ".join(sorted(known)) or "none configured"
+            self.error(path, f"unknown queue {name!r}{nearest(name, known)}; configured: {listed}")
+
+    def scheduled(self, raw: Any, path: PathKey) -> str:
+        """Compile actions to run later; returns the reference a timer carries."""
+        ref = ".".join(str(p) for p in path)
+        self.scheduled_actions[ref] = self.actions(raw, path)
+        return ref
+
+    # -- structure -----------------------------------------------------------------------------
+
+    def flow(self) -> Flow | None:
+        data = self.doc.data
+        if not isinstance(data, dict):
+            self.error((), "a flow file must be a mapping with 'flow' and 'states'")
+            return None
+        self.known_keys(data, (), FLOW_KEYS, "flow")
+        name = data.get("flow")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name or ""):
+            self.error(("flow",) if "flow" in data else (), "flow needs a name (letters, digits, _ . -)")
+            name = Path(self.doc.file).stem
+        raw_states = data.get("states")
+        if not isinstance(raw_states, dict) or not raw_states:
+            self.error(("states",) if "states" in data else (), "a flow needs 'states', a mapping of name -> state")
+            return None
+        hours = self.hours(data.get("hours", {}))
+        states: dict[str, State] = {}
+        for sname, raw in raw_states.items():
+            state = self.state(str(sname), raw, ("states", sname))
+            if state is not None:
+                states[str(sname)] = state
+        always = self.routes(data.get("always", []), ("always",))
+        start = str(data.get("start", next(iter(raw_states))))
+        if start not in raw_states:
+            self.error(("start",), f"start state {start!r} is not defined{nearest(start, raw_states)}")
+        on = self.events(data.get("on", {}))
+        fallback = self.fallback(data["fallback"]) if "fallback" in data else None
+        coalesce = self.coalesce(data["coalesce"]) if "coalesce" in data else None
+        for target, path in self.gotos:
+            if target not in raw_states:
+                self.error(path, f"goto to unknown state {target!r}{nearest(target, raw_states)}")
+        for cal, path in self.hours_refs:
+            if cal not in hours:
+                listed = ", ".join(sorted(hours)) or "none defined under hours:"
+                self.error(path, f"unknown hours {cal!r}{nearest(cal, hours)}; defined: {listed}")
+        variables = data.get("vars", {})
+        if not isinstance(variables, dict):
+            self.error(("vars",), "vars must be a mapping")
+            variables = {}
+        nlu = data.get("nlu")
+        if nlu is not None:
+            if isinstance(nlu, str):
+                self.note_connector(nlu, ("nlu",))
             else:
-                self.error(bpath, "a button is a string or {title, payload}")
-        return ReplyAction(text, tuple(buttons))
+                self.error(("nlu",), "nlu takes the name of a connector")
+                nlu = None
+        elif self.uses_nlu:
+            self.error(self.uses_nlu[0], "intent/entity conditions need the flow's `nlu: CONNECTOR`")
+        if start in states:
+            self.reachability(states, always, start, on)
+        return Flow(
+            name=name,
+            file=self.doc.file,
+            states=states,
+            start=start,
+            always=always,
+            vars=variables,
+            match=self.match(data.get("match", {})),
+            hours=hours,
+            on=on,
+            fallback=fallback,
+            coalesce=coalesce,
+            nlu=nlu,
+            scheduled=self.scheduled_actions,
+        )
 
-    def _goto(self, value: Any, path: PathKey) -> Action | None:
-        if not isinstance(value, str):
-            self.error(path, "goto takes a state name")
-            return None
-        self.gotos.append((path, value))
-        return GotoAction(value)
+    def check_flow_refs(self, flows: dict[str, Flow]) -> None:
+        for target, path in self.flow_refs:
+            if target not in flows:
+                self.error(path, f"call to unknown flow {target!r}{nearest(target, flows)}")
 
-    def _set(self, value: Any, path: PathKey) -> Action | None:
-        if not isinstance(value, dict) or not value:
-            self.error(path, "set takes a mapping of variable -> value")
-            return None
-        values: list[tuple[str, Any]] = []
-        for name, v in value.items():
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-                self.error((*path, name), f"bad variable name {name!r}", key=True)
+    def hours(self, raw: Any) -> dict[str, Hours]:
+        if not isinstance(raw, dict):
+            self.error(("hours",), "hours takes a mapping of name -> {timezone, mon-fri: 09:00-17:00, holidays}")
+            return {}
+        out = {}
+        for name, spec in raw.items():
+            path = ("hours", name)
+            if not isinstance(spec, dict):
+                self.error(path, "a calendar is {timezone, mon-fri: HH:MM-HH:MM, holidays: [YYYY-MM-DD]}")
                 continue
-            values.append((name, self.template(v, (*path, name)) if isinstance(v, str) else v))
-        return SetAction(tuple(values))
+            hours, problems = parse_hours(str(name), spec)
+            for key, message in problems:
+                self.error((*path, key), message)
+            if hours is not None:
+                out[str(name)] = hours
+        return out
 
-    def _stop(self, value: Any, path: PathKey) -> Action | None:
-        return StopAction()
+    def match(self, raw: Any) -> Match:
+        if not isinstance(raw, dict):
+            self.error(("match",), "match must be a mapping, e.g. {platform: [myapp]}")
+            return Match()
+        self.known_keys(raw, ("match",), MATCH_KEYS, "match")
+        sender = raw.get("sender", {})
+        if not isinstance(sender, dict):
+            self.error(("match", "sender"), "sender takes a mapping of attribute -> value")
+            sender = {}
+        return Match(
+            tuple(self.strings(raw.get("platform", []), ("match", "platform"))),
+            tuple(self.strings(raw.get("channel", []), ("match", "channel"))),
+            tuple((str(k), v) for k, v in sender.items()),
+        )
 
-    def _wait(self, value: Any, path: PathKey) -> Action | None:
-        seconds = parse_duration(value)
-        if seconds is None or seconds > 300:
-            self.error(path, "wait takes a duration up to 5m, e.g. 1.5s, 500ms, 2m")
+    def events(self, raw: Any) -> dict[str, tuple[Action, ...]]:
+        if not isinstance(raw, dict):
+            self.error(("on",), "on takes a mapping of event -> actions")
+            return {}
+        out = {}
+        for event, actions in raw.items():
+            if event not in EVENTS:
+                self.unknown(("on",), str(event), EVENTS, "event")
+                continue
+            out[str(event)] = self.actions(actions, ("on", event))
+        return out
+
+    def fallback(self, raw: Any) -> Fallback | None:
+        if not isinstance(raw, dict) or "after" not in raw or "do" not in raw:
+            self.error(("fallback",), "fallback takes {after: N, do: [actions]}: after N turns not understood")
             return None
-        return WaitAction(seconds)
+        self.known_keys(raw, ("fallback",), ("after", "do"), "fallback")
+        after = raw["after"]
+        if not isinstance(after, int) or isinstance(after, bool) or after < 1:
+            self.error(("fallback", "after"), "after takes a whole number of turns, at least 1")
+            return None
+        return Fallback(after, self.actions(raw["do"], ("fallback", "do")))
 
-    _action_parsers: dict[str, Callable[[_Compiler, Any, PathKey], Action | None]] = {
-        "reply": _reply,
-        "goto": _goto,
-        "set": _set,
-        "stop": _stop,
-        "wait": _wait,
-    }
+    def coalesce(self, raw: Any) -> Coalesce | None:
+        if not isinstance(raw, dict) or "window" not in raw:
+            self.error(("coalesce",), "coalesce takes {window: DURATION, cancel_inflight: true|false}")
+            return None
+        self.known_keys(raw, ("coalesce",), ("window", "cancel_inflight"), "coalesce")
+        window = self.duration(raw["window"], ("coalesce", "window"), maximum=10)
+        cancel = raw.get("cancel_inflight", False)
+        if not isinstance(cancel, bool):
+            self.error(("coalesce", "cancel_inflight"), "cancel_inflight takes true or false")
+        return Coalesce(window, bool(cancel)) if window is not None else None
 
+    def state(self, name: str, raw: Any, path: PathKey) -> State | None:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            self.error(path, f"state {name!r} must be a mapping with 'enter', 'routes' and/or 'timeout'")
+            return None
+        self.known_keys(raw, path, STATE_KEYS, f"state {name!r}")
+        enter = self.actions(raw.get("enter", []), (*path, "enter"))
+        routes = self.routes(raw.get("routes", []), (*path, "routes"))
+        timeout = None
+        if "timeout" in raw:
+            t = raw["timeout"]
+            tpath = (*path, "timeout")
+            if not isinstance(t, dict) or "after" not in t or "do" not in t:
+                self.error(tpath, "timeout takes {after: DURATION, do: [actions]}")
+            else:
+                self.known_keys(t, tpath, ("after", "do"), "timeout")
+                after = self.duration(t["after"], (*tpath, "after"))
+                if after is not None:
+                    timeout = StateTimeout(after, self.actions(t["do"], (*tpath, "do")))
+        return State(name, enter, routes, timeout)
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+    def routes(self, raw: Any, path: PathKey) -> tuple[Route, ...]:
+        if not isinstance(raw, list):
+            self.error(path, "routes must be a list of {when, do}")
+            return ()
+        out = []
+        for i, item in enumerate(raw):
+            rpath = (*path, i)
+            if not isinstance(item, dict):
+                self.error(rpath, "a route must be a mapping with 'do' (and optionally 'when')")
+                continue
+            self.known_keys(item, rpath, ROUTE_KEYS, "route")
+            when = self.condition(item["when"], (*rpath, "when")) if "when" in item else None
+            if needs_nlu(when):
+                self.uses_nlu.append((*rpath, "when"))
+            if "do" not in item:
+                self.error(rpath, "a route needs 'do', the actions to take")
+            miss = item.get("miss", False)
+            if not isinstance(miss, bool):
+                self.error((*rpath, "miss"), "miss takes true or false")
+            line, _ = self.doc.where(rpath)
+            out.append(
+                Route(when, self.actions(item.get("do", []), (*rpath, "do")), f"{self.doc.file}:{line}", miss is True)
+            )
+        return tuple(out)
 
+    def condition(self, raw: Any, path: PathKey) -> Condition:
+        if not isinstance(raw, dict) or not raw:
+            self.error(path, "a condition must be a mapping, e.g. {text: {matches: '^hi'}}")
+            return AllOf(())
+        parts: list[Condition] = []
+        for key, value in raw.items():
+            cls = CONDITIONS.get(key)
+            if cls is None:
+                self.unknown(path, str(key), CONDITIONS, "condition")
+                continue
+            parts.append(cls.from_yaml(self, value, (*path, key)))
+        return parts[0] if len(parts) == 1 else AllOf(tuple(parts))
 
-def parse_duration(value: Any) -> float | None:
-    """Seconds from `1.5s`, `500ms`, `10m`, `2h` or a bare number of seconds."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return float(value) if value >= 0 else None
-    if not isinstance(value, str):
-        return None
-    m = _DURATION.match(value)
-    if m is None:
-        return None
-    return float(m.group(1)) * _UNIT[m.group(2)]
+    def condition_list(self, value: Any, path: PathKey) -> list[Condition]:
+        if not isinstance(value, list) or not value:
+            self.error(path, "expected a non-empty list of conditions")
+            return []
+        return [self.condition(v, (*path, i)) for i, v in enumerate(value)]
 
+    def actions(self, raw: Any, path: PathKey, start: int = 0) -> tuple[Action, ...]:
+        if not isinstance(raw, list):
+            self.error(path, "expected a list of actions")
+            return ()
+        out: list[Action] = []
+        for i, item in enumerate(raw, start):
+            apath = (*path, i)
+            if isinstance(item, str) and item in ("stop", "return", "resolve"):
+                item = {item: None}
+            if not isinstance(item, dict) or len(item) != 1:
+                self.error(apath, f"an action is a mapping with one key: {', '.join(ACTIONS)}")
+                continue
+            ((key, value),) = item.items()
+            cls = ACTIONS.get(key)
+            if cls is None:
+                self.unknown(apath, str(key), ACTIONS, "action")
+                continue
+            action = cls.from_yaml(self, value, (*apath, key))
+            if action is not None:
+                out.append(action)
+        return tuple(out)
 
-def check_flows(root: Path) -> list[Problem]:
-    try:
-        load_flows(root)
-    except ConfigError as exc:
-        return exc.problems
-    return []
+    # -- whole-flow checks ---------------------------------------------------------------------
+
+    def reachability(
+        self, states: dict[str, State], always: tuple[Route, ...], start: str, on: dict[str, tuple[Action, ...]]
+    ) -> None:
+        """States nothing leads to, and states a conversation can enter but never leave."""
+
+        def targets(actions: Iterable[Action]) -> set[str]:
+            out: set[str] = set()
+            for a in actions:
+                out.update(a.targets())
+            return out
+
+        def exits(state: State) -> set[str]:
+            out = targets(state.enter)
+            for r in state.routes:
+                out |= targets(r.do)
+            if state.timeout is not None:
+                out |= targets(state.timeout.do)
+            return out
+
+        global_targets = set().union(*(targets(r.do) for r in always), *(targets(a) for a in on.values()))
+        for acts in self.scheduled_actions.values():
+            global_targets |= targets(acts)
+        seen = {start} | global_targets
+        todo = list(seen)
+        while todo:
+            name = todo.pop()
+            if name in states:
+                for nxt in exits(states[name]) - seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        for name in states:
+            if name not in seen:
+                self.error(("states", name), f"state {name!r} is unreachable: no goto leads to it", key=True)
+        leaves_anywhere = bool(always) or bool(global_targets)
+        for name, state in states.items():
+            if leaves_anywhere or name == start:
+                continue
+            if not (exits(state) - {name}):
+                self.error(("states", name), f"state {name!r} has no way out: no routes and no goto", key=True)

@@ -1,89 +1,239 @@
-"""Deciding a turn: pick the flow, run `always` then the state's routes, follow gotos."""
+"""Deciding a turn: pick the flow, handle events and timers, route, follow gotos and calls."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 
-from middleware.engine.flow import Action, Flow, Route, TurnContext
+from connectors.base import ConnectorError
+from middleware.engine.actions import TIMER_EXPECT, TIMER_SCHEDULED, TIMER_STATE
+from middleware.engine.flow import Action, Flow, Resources, Route, TurnContext
 from middleware.engine.templates import TemplateFailed
-from middleware.model import ConversationState, Inbound, Reply, TurnResult
+from middleware.model import ConversationState, Inbound, Owner, Timer, TurnResult
 
 log = logging.getLogger("switchboard.engine")
 
-MAX_GOTO_CHAIN = 16
+MAX_HOPS = 16
+HISTORY_TURNS = 20
+EVENT_TIMER = "timer"
 
 
 class FlowFailed(Exception):
-    """The flow could not finish the turn (a template error, a goto loop); the turn falls back."""
+    """The flow could not finish the turn (a template error, a goto loop, connectors down with
+    no fallback); the turn sends the fallback reply."""
 
 
 class Engine:
     """Holds the loaded flows and decides turns; `swap` replaces the flows between turns."""
 
-    def __init__(self, flows: Mapping[str, Flow]) -> None:
+    def __init__(self, flows: Mapping[str, Flow], resources: Resources | None = None) -> None:
         self.flows: dict[str, Flow] = dict(flows)
+        self.resources = resources or Resources()
 
     def swap(self, flows: Mapping[str, Flow]) -> None:
         self.flows = dict(flows)
 
     def flow_for(self, message: Inbound, state: ConversationState) -> Flow | None:
-        if state.flow and state.flow in self.flows and self.flows[state.flow].serves(message):
+        if state.flow and state.flow in self.flows:
             return self.flows[state.flow]
         for flow in self.flows.values():
             if flow.serves(message):
                 return flow
         return None
 
-    async def decide(self, message: Inbound, state: ConversationState) -> TurnResult:
-        """Run one turn of the conversation's flow; raises FlowFailed if the flow breaks."""
+    def coalesce_window(self, message: Inbound, state: ConversationState) -> tuple[float, bool]:
+        """(seconds to gather a burst of messages into one turn, whether a newer one cancels a turn)."""
+        flow = self.flow_for(message, state)
+        if flow is None or flow.coalesce is None:
+            return 0.0, False
+        return flow.coalesce.window, flow.coalesce.cancel_inflight
+
+    async def decide(self, message: Inbound, state: ConversationState, deadline: float | None = None) -> TurnResult:
+        """Run one turn; raises FlowFailed if the flow breaks (the caller sends the fallback reply)."""
         flow = self.flow_for(message, state)
         if flow is None:
             return TurnResult((), (), state, ("no flow serves this conversation",))
-        current = state.state if state.flow == flow.name and state.state in flow.states else flow.start
-        variables = {**flow.vars, **state.vars} if state.flow == flow.name else dict(flow.vars)
-        ctx = TurnContext(message=message, vars=variables, state=current, flow=flow.name, turns=state.turns)
-        try:
-            await self._turn(flow, ctx)
-        except TemplateFailed as exc:
-            raise FlowFailed(f"template error in flow {flow.name!r} state {ctx.state!r}: {exc}") from exc
-        new_state = ConversationState(
-            flow=flow.name, state=ctx.state, vars=ctx.vars, turns=state.turns + 1, owner=state.owner
+        new = state.copy()
+        if new.flow != flow.name or new.state not in flow.states:
+            new.flow, new.state = flow.name, flow.start
+            new.vars = {**flow.vars, **new.vars}
+        ctx = TurnContext(
+            message=message,
+            state=new,
+            flow=flow,
+            resources=self.resources,
+            deadline=deadline if deadline is not None else time.monotonic() + 30,
+            first=state.turns == 0,
         )
-        return TurnResult(tuple(ctx.replies), (), new_state, tuple(ctx.trace))
+        try:
+            await self._turn(ctx)
+        except TemplateFailed as exc:
+            raise FlowFailed(f"template error in flow {ctx.flow.name!r} state {new.state!r}: {exc}") from exc
+        except ConnectorError as exc:
+            raise FlowFailed(str(exc)) from exc
+        if message.type != "event":
+            new.turns += 1
+            _remember(new, "user", message.text)
+        for reply in ctx.replies:
+            _remember(new, "bot", reply.plain_text())
+        return TurnResult(
+            tuple(ctx.replies),
+            tuple(ctx.actions),
+            new,
+            tuple(ctx.trace),
+            tuple(ctx.timers),
+            tuple(dict.fromkeys(ctx.cancel_timers)),
+        )
 
-    async def _turn(self, flow: Flow, ctx: TurnContext) -> None:
-        route = _first_match(flow.always, ctx) or _first_match(flow.states[ctx.state].routes, ctx)
-        if route is None:
-            ctx.trace.append(f"state {ctx.state}: no route matched")
+    async def _turn(self, ctx: TurnContext) -> None:
+        message, flow, state = ctx.message, ctx.flow, ctx.state
+        entered_before = state.entered
+        if message.type == "event":
+            event = str(message.payload.get("event", ""))
+            if event == EVENT_TIMER:
+                await self._timer(ctx)
+                return
+            handler = flow.on.get(event)
+            if handler is not None:
+                ctx.trace.append(f"on {event}")
+                await self._run(handler, ctx)
+                return
+        if state.owner in (Owner.QUEUED, Owner.AGENT) and message.type != "event":
+            ctx.trace.append(f"owner is {state.owner.value}: the bot stays silent")
             return
-        ctx.trace.append(f"state {ctx.state}: route at {route.where}")
-        await self._run(flow, route.do, ctx)
+        if message.type != "event":
+            ctx.cancel_timers.append(TIMER_EXPECT)
+        if ctx.first and "conversation.started" in flow.on:
+            ctx.trace.append("on conversation.started")
+            await self._run(flow.on["conversation.started"], ctx)
+            if ctx.stopped:
+                return
+        if flow.nlu and message.type == "text":
+            await self._nlu(ctx, flow.nlu)
+        route = _first_match(flow.always, ctx) or _first_match(ctx.flow.states[state.state or flow.start].routes, ctx)
+        if route is None:
+            ctx.trace.append(f"state {state.state}: no route matched")
+            ctx.missed = True
+        else:
+            ctx.trace.append(f"state {state.state}: route at {route.where}")
+            ctx.missed = route.miss
+            await self._run(route.do, ctx)
+        if message.type != "event":
+            await self._count_miss(ctx)
+        if state.entered == entered_before and message.type != "event":
+            self._arm_state_timeout(ctx)
 
-    async def _run(self, flow: Flow, actions: tuple[Action, ...], ctx: TurnContext) -> None:
+    async def _count_miss(self, ctx: TurnContext) -> None:
+        state, fallback = ctx.state, ctx.flow.fallback
+        state.misses = state.misses + 1 if ctx.missed else 0
+        if fallback is not None and state.misses >= fallback.after:
+            ctx.trace.append(f"fallback after {state.misses} turns not understood")
+            state.misses = 0
+            ctx.stopped = False
+            await self._run(fallback.do, ctx)
+
+    async def _nlu(self, ctx: TurnContext, name: str) -> None:
+        from connectors.base import ConnectorTurn, HistoryEntry
+
+        connector = self.resources.connectors.get(name)
+        if connector is None:
+            ctx.trace.append(f"nlu {name}: not configured")
+            return
+        history = [HistoryEntry("user" if h[0] == "user" else "bot", h[1]) for h in ctx.state.history]
+        turn = ConnectorTurn(ctx.message, dict(ctx.state.vars), history, ctx.deadline, ctx.message.conversation_key)
+        try:
+            ctx.nlu = await connector.parse(turn)
+            ctx.trace.append(f"nlu {name}: {ctx.nlu.intent} ({ctx.nlu.confidence:.2f})")
+        except ConnectorError as exc:
+            ctx.trace.append(f"nlu {name}: {type(exc).__name__}: {exc}")
+
+    async def _timer(self, ctx: TurnContext) -> None:
+        p = ctx.message.payload
+        name = p.get("name")
+        state = ctx.state
+        if name == TIMER_STATE:
+            if p.get("state") != state.state or p.get("entered") != state.entered or p.get("flow") != ctx.flow.name:
+                ctx.trace.append("state timeout for a state already left: ignored")
+                return
+            current = ctx.flow.states.get(state.state or "")
+            if current is None or current.timeout is None:
+                return
+            ctx.trace.append(f"state {state.state}: timeout")
+            await self._run(current.timeout.do, ctx)
+            return
+        if name in (TIMER_EXPECT, TIMER_SCHEDULED):
+            flow = self.flows.get(str(p.get("flow")))
+            actions = flow.scheduled.get(str(p.get("ref"))) if flow is not None else None
+            if flow is None or actions is None or flow.name != ctx.flow.name:
+                ctx.trace.append(f"{name} timer for actions no longer in the flow: ignored")
+                return
+            ctx.trace.append(f"{name} timer fired")
+            await self._run(actions, ctx)
+            return
+        ctx.trace.append(f"unknown timer {name!r}: ignored")
+
+    async def _run(self, actions: tuple[Action, ...], ctx: TurnContext) -> None:
         hops = 0
         while True:
             for action in actions:
                 await action.run(ctx)
-                if ctx.stopped or ctx.goto is not None:
+                if ctx.stopped or ctx.goto is not None or ctx.switch is not None:
                     break
+            if ctx.switch is not None:
+                hops += 1
+                self._check_hops(hops, ctx)
+                flow_name, state_name = ctx.switch
+                ctx.switch = None
+                flow = self.flows.get(flow_name)
+                if flow is None:
+                    raise FlowFailed(f"call to flow {flow_name!r}, which is not loaded")
+                ctx.flow = flow
+                ctx.state.flow = flow.name
+                target = state_name if state_name in flow.states else flow.start
+                ctx.trace.append(f"switch to flow {flow.name} state {target}")
+                actions = self._enter(ctx, target)
+                ctx.stopped = False
+                continue
             if ctx.goto is None or ctx.stopped:
                 return
             hops += 1
-            if hops > MAX_GOTO_CHAIN:
-                raise FlowFailed(f"more than {MAX_GOTO_CHAIN} gotos in one turn (a loop?) in flow {flow.name!r}")
+            self._check_hops(hops, ctx)
             target, ctx.goto = ctx.goto, None
             ctx.trace.append(f"goto {target}")
-            ctx.state = target
-            actions = flow.states[target].enter
+            actions = self._enter(ctx, target)
+
+    def _check_hops(self, hops: int, ctx: TurnContext) -> None:
+        if hops > MAX_HOPS:
+            raise FlowFailed(f"more than {MAX_HOPS} gotos in one turn (a loop?) in flow {ctx.flow.name!r}")
+
+    def _enter(self, ctx: TurnContext, target: str) -> tuple[Action, ...]:
+        state = ctx.state
+        state.state = target
+        state.entered += 1
+        self._arm_state_timeout(ctx)
+        return ctx.flow.states[target].enter
+
+    def _arm_state_timeout(self, ctx: TurnContext) -> None:
+        state = ctx.state
+        ctx.cancel_timers.append(TIMER_STATE)
+        ctx.timers[:] = [t for t in ctx.timers if t.name != TIMER_STATE]
+        current = ctx.flow.states.get(state.state or "")
+        if current is not None and current.timeout is not None:
+            payload = {"flow": ctx.flow.name, "state": current.name, "entered": state.entered}
+            ctx.timers.append(Timer(current.timeout.after, TIMER_STATE, payload))
 
 
 def _first_match(routes: tuple[Route, ...], ctx: TurnContext) -> Route | None:
     for route in routes:
-        if route.when.test(ctx):
+        if route.when is None or route.when.test(ctx):
             return route
     return None
 
 
-def fallback_reply(text: str) -> Reply:
-    return Reply(text=text)
+def _remember(state: ConversationState, role: str, text: str) -> None:
+    if not text:
+        return
+    state.history.append([role, text[:2000]])
+    if len(state.history) > HISTORY_TURNS * 2:
+        del state.history[: len(state.history) - HISTORY_TURNS * 2]

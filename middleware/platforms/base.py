@@ -42,18 +42,31 @@ class PlatformConfig(BaseModel):
 
 @dataclass(frozen=True, slots=True)
 class WebhookRequest:
+    """A webhook as the platform sent it.
+
+    `path` is what followed `/webhooks/{name}` in the URL ("" for the plain webhook URL), for
+    platforms that call sub-paths (a Matrix homeserver PUTs `/_matrix/app/v1/transactions/{id}`).
+    Header names are lower-case.
+    """
+
     method: str
     body: bytes
     headers: Mapping[str, str]
     query: Mapping[str, str] = field(default_factory=dict)
+    path: str = ""
 
 
 @dataclass(slots=True)
 class Parsed:
-    """The messages a webhook carried, and optionally the body the platform expects back."""
+    """The messages a webhook carried, and the answer the platform expects.
+
+    `response` is a JSON body (a dict or list) or plain text (a str, e.g. a verification
+    challenge); None means the standard `{"accepted": N, "duplicates": M}`.
+    """
 
     messages: list[Inbound]
-    response: dict[str, Any] | None = None
+    response: dict[str, Any] | list[Any] | str | None = None
+    status: int = 200
 
 
 class Rejected(Exception):
@@ -90,6 +103,8 @@ class Platform(ABC):
     Config: ClassVar[type[PlatformConfig]] = PlatformConfig
     supports_typing: bool = False
     supports_read: bool = False
+    #: the platform has its own agent tools: `deliver` takes "handoff" and "release" items
+    supports_handoff: bool = False
     #: seconds a typing indicator stays on at the platform without a refresh
     typing_ttl: float = 5.0
 
@@ -104,7 +119,11 @@ class Platform(ABC):
 
     @abstractmethod
     async def deliver(self, item: Outgoing, idempotency_key: str) -> None:
-        """Send one outgoing item; raise `DeliveryError` on failure."""
+        """Send one outgoing item; raise `DeliveryError` on failure.
+
+        Items of a kind the platform does not support (typing without `supports_typing`, ...)
+        are never handed to it.
+        """
 
 
 def hmac_sha256_hex(secret: str, body: bytes) -> str:
