@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+import httpx
 from pydantic import BaseModel, ConfigDict
 
 from middleware.model import Action, Inbound, Reply
@@ -102,9 +103,11 @@ class Connector(ABC):
 
     Config: ClassVar[type[ConnectorConfig]] = ConnectorConfig
 
-    def __init__(self, name: str, config: ConnectorConfig) -> None:
+    def __init__(self, name: str, config: ConnectorConfig, http: httpx.AsyncClient) -> None:
         self.name = name
         self.config = config
+        #: the service's one shared HTTP client (created in the app's lifespan); never closed here
+        self.http = http
 
     @abstractmethod
     async def ask(self, turn: ConnectorTurn) -> ConnectorResult:

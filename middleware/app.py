@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
@@ -16,12 +17,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from connectors import connector_class
 from middleware.dispatch import Dispatcher
-from middleware.engine import Engine, load_flows
+from middleware.engine import Engine, Known, Resources, load_flows
 from middleware.ingress import Ingress
 from middleware.metrics import Metrics
 from middleware.outbox import Outbox
 from middleware.platforms import PLATFORM_TYPES
+from middleware.reload import FlowReloader
 from middleware.scheduler import build_scheduler
 from middleware.services import Services
 from middleware.settings import Settings
@@ -48,14 +51,24 @@ def make_http_client(settings: Settings) -> httpx.AsyncClient:
 
 
 def create_app(settings: Settings, *, http: httpx.AsyncClient | None = None) -> Starlette:
-    """Build the ASGI app; nothing is opened until its lifespan starts."""
+    """Build the ASGI app; nothing is opened until its lifespan starts.
+
+    Raises ConfigError if a flow is invalid: nothing is served with a broken flow.
+    """
     metrics = Metrics()
-    flows = load_flows(settings.flows)
-    engine = Engine(flows)
+    known = Known(connectors=frozenset(settings.connectors))
+    flows = load_flows(settings.flows, known)
+    resources = Resources(http_allow=settings.http_allow)
+    engine = Engine(flows, resources)
+    reloader = FlowReloader(engine, settings.flows, known)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         client = http or make_http_client(settings)
+        resources.http = client
+        resources.connectors = {
+            name: connector_class(cfg.type)(name, cfg, client) for name, cfg in settings.connectors.items()
+        }
         store = Store(settings.store.url, batch_max=settings.store.batch_max)
         await store.start()
         platforms = {name: PLATFORM_TYPES[cfg.type](name, cfg, client) for name, cfg in settings.platforms.items()}
@@ -67,6 +80,7 @@ def create_app(settings: Settings, *, http: httpx.AsyncClient | None = None) -> 
             settings, store, client, engine, platforms, metrics, dispatcher, turns, node_id, time.time()
         )
         app.state.services = services
+        app.state.reloader = reloader
         ingress = Ingress(
             platforms, store, dispatcher, metrics, settings.server.max_body_bytes, settings.dispatch.retry_after_seconds
         )
@@ -81,16 +95,25 @@ def create_app(settings: Settings, *, http: httpx.AsyncClient | None = None) -> 
             settings.store.dedupe_days,
         )
         scheduler.start()
+        watcher = asyncio.create_task(reloader.watch()) if settings.reload else None
         log.info(
             "switchboard ready", extra={"node": node_id, "flows": sorted(engine.flows), "platforms": sorted(platforms)}
         )
         try:
             yield
         finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
             scheduler.shutdown(wait=False)
             await dispatcher.close()
             await turns.close()
+            for platform in platforms.values():
+                await platform.aclose()
             await store.close()
+            for connector in resources.connectors.values():
+                await connector.close()
             if http is None:
                 await client.aclose()
 

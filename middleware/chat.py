@@ -7,18 +7,38 @@ replies come back through the console platform. The store is a throwaway SQLite 
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import tempfile
 from pathlib import Path
 
 from middleware.app import create_app
+from middleware.model import TurnResult
 from middleware.platforms.console import ConsoleConfig, ConsolePlatform
 from middleware.services import Services
 from middleware.settings import Settings, StoreSettings, TypingSettings, load_settings
 from middleware.yamlfile import ConfigError
 
 
-async def run_chat(config: Path, flows: Path | None, lines: asyncio.Queue[str | None] | None = None) -> int:
+def print_trace(result: TurnResult, seconds: float) -> None:
+    """What `switchboard chat` shows after each turn: the route, actions, variables and timing."""
+    for line in result.trace:
+        print(f"  · {line}")
+    state = result.state
+    shown = {k: v for k, v in state.vars.items() if k != "user"}
+    print(f"  · now in {state.flow}/{state.state}, owner {state.owner.value}, vars {json.dumps(shown, default=str)}")
+    for action in result.actions:
+        print(f"  · action: {action}")
+    print(f"  · turn took {seconds * 1000:.1f} ms")
+
+
+async def run_chat(
+    config: Path,
+    flows: Path | None,
+    lines: asyncio.Queue[str | None] | None = None,
+    flow: str | None = None,
+    trace: bool = True,
+) -> int:
     exists = await asyncio.to_thread(config.exists)
     try:
         settings = load_settings(config) if exists else Settings()
@@ -44,6 +64,16 @@ async def run_chat(config: Path, flows: Path | None, lines: asyncio.Queue[str | 
             services: Services = app.state.services
             console = services.platforms["console"]
             assert isinstance(console, ConsolePlatform)
+            if flow is not None:
+                if flow not in services.engine.flows:
+                    print(
+                        f"no flow named {flow!r}; loaded: {', '.join(sorted(services.engine.flows))}", file=sys.stderr
+                    )
+                    return 1
+                services.engine.swap({flow: services.engine.flows[flow]})
+            traces: list[tuple[TurnResult, float]] = []
+            if trace:
+                services.turns.observers.append(lambda _m, result, seconds: traces.append((result, seconds)))
             print(f"Talking to flows {', '.join(sorted(services.engine.flows))}. Ctrl-D or /quit to leave.")
             while True:
                 text = await (lines.get() if lines is not None else _read_line())
@@ -55,6 +85,9 @@ async def run_chat(config: Path, flows: Path | None, lines: asyncio.Queue[str | 
                 await services.store.accept([message])
                 services.dispatcher.notify(message.conversation_key)
                 await services.dispatcher.settled(message.conversation_key)
+                for result, seconds in traces:
+                    print_trace(result, seconds)
+                traces.clear()
 
 
 async def _read_line() -> str | None:
@@ -62,4 +95,3 @@ async def _read_line() -> str | None:
         return await asyncio.to_thread(input, "you> ")
     except EOFError:
         return None
-

@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     chat = sub.add_parser("chat", help="talk to a flow in the terminal")
     chat.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     chat.add_argument("--flows", type=Path, help="a flows folder or file instead of the config's")
+    chat.add_argument("--flow", help="talk to this flow only")
+    chat.add_argument("--no-trace", action="store_true", help="hide the per-turn trace")
 
     args = parser.parse_args(argv)
     if args.command == "serve":
@@ -74,7 +76,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check(paths: list[Path]) -> int:
-    from middleware.engine.loader import check_flows, flow_files
+    from middleware.engine.loader import Known, check_flows, flow_files
     from middleware.settings import load_settings
 
     targets = paths or [DEFAULT_CONFIG]
@@ -90,7 +92,7 @@ def _check(paths: list[Path]) -> int:
             except ConfigError as exc:
                 problems += exc.problems
                 continue
-            problems += check_flows(settings.flows)
+            problems += check_flows(settings.flows, Known(connectors=frozenset(settings.connectors)))
             checked += 1 + len(flow_files(settings.flows))
         else:
             problems += check_flows(path)
@@ -117,7 +119,7 @@ def _is_config(path: Path) -> bool:
 async def _chat(args: argparse.Namespace) -> int:
     from middleware.chat import run_chat
 
-    return await run_chat(args.config, args.flows)
+    return await run_chat(args.config, args.flows, flow=args.flow, trace=not args.no_trace)
 
 
 if __name__ == "__main__":

@@ -12,15 +12,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import Mapping
 
 from middleware.metrics import Metrics
+from middleware.model import ConversationState
 from middleware.outbox import Outbox
 from middleware.platforms.base import Platform
 from middleware.settings import DispatchSettings
-from middleware.store import Lease, LeaseLost, Store, StoreUnavailable
+from middleware.store import Lease, LeaseLost, PendingMessage, Store, StoreUnavailable
 from middleware.turn import TurnRunner
 
 log = logging.getLogger("switchboard.dispatch")
@@ -53,6 +55,8 @@ class Dispatcher:
         self._held: dict[str, Lease] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        #: conversations whose running turn a newer message may cancel
+        self._interrupts: dict[str, asyncio.Event] = {}
 
     @property
     def overloaded(self) -> bool:
@@ -66,6 +70,9 @@ class Dispatcher:
         """Work on this conversation now (or right after the turn running for it)."""
         if key in self._active:
             self._again.add(key)
+            interrupt = self._interrupts.get(key)
+            if interrupt is not None:
+                interrupt.set()
             return
         handle = self._wakeups.pop(key, None)
         if handle is not None:
@@ -133,16 +140,21 @@ class Dispatcher:
         state = lease.state
         while True:
             messages = await self.store.pending_messages(key)
-            for pending in messages:
-                state = await self.turns.run(lease, platform, pending, state)
+            while messages:
+                batch, messages = await self._next_batch(key, messages, state)
+                new_state = await self._turn(lease, platform, batch, state)
+                if new_state is None:  # cancelled by a newer message: gather again
+                    messages = await self.store.pending_messages(key)
+                    continue
+                state = new_state
                 lease = dataclasses.replace(lease, state=state)
-                self.backlog = max(0, self.backlog - 1)
+                self.backlog = max(0, self.backlog - len(batch))
                 retry_at = await self.outbox.drain(key, platform)
                 if retry_at is not None:
                     self._wake_at(key, retry_at)
+                if not messages:
+                    messages = await self.store.pending_messages(key)
             self.metrics.backlog.set(self.backlog)
-            if messages:
-                continue
             retry_at = await self.outbox.drain(key, platform)
             if retry_at is not None:
                 self._wake_at(key, retry_at)
@@ -150,6 +162,32 @@ class Dispatcher:
             if await self.store.release(lease):
                 self._held.pop(key, None)
                 return
+
+    async def _next_batch(
+        self, key: str, messages: list[PendingMessage], state: ConversationState
+    ) -> tuple[list[PendingMessage], list[PendingMessage]]:
+        """The next turn's messages: one, or a burst of text messages when the flow coalesces."""
+        first = messages[0].inbound
+        window, _ = self.turns.engine.coalesce_window(first, state)
+        if window <= 0 or first.type == "event":
+            return messages[:1], messages[1:]
+        await asyncio.sleep(window)
+        messages = await self.store.pending_messages(key)
+        burst = list(itertools.takewhile(lambda p: p.inbound.type != "event", messages))
+        return burst or messages[:1], messages[len(burst or messages[:1]) :]
+
+    async def _turn(
+        self, lease: Lease, platform: Platform, batch: list[PendingMessage], state: ConversationState
+    ) -> ConversationState | None:
+        _, cancels = self.turns.engine.coalesce_window(batch[0].inbound, state)
+        if not cancels:
+            return await self.turns.run(lease, platform, batch, state)
+        interrupt = asyncio.Event()
+        self._interrupts[lease.key] = interrupt
+        try:
+            return await self.turns.run(lease, platform, batch, state, interrupt)
+        finally:
+            self._interrupts.pop(lease.key, None)
 
     def _wake_at(self, key: str, when: float) -> None:
         self._wake_later(key, max(0.0, when - time.time()))

@@ -38,7 +38,15 @@ def build_scheduler(
         except StoreUnavailable as exc:
             log.warning("purge skipped, store unavailable: %s", exc)
 
+    async def timers() -> None:
+        try:
+            for key in await store.fire_due_timers():
+                dispatcher.notify(key)
+        except StoreUnavailable as exc:
+            log.warning("timers skipped, store unavailable: %s", exc)
+
     scheduler.add_job(sweep, "interval", seconds=sweep_seconds, id="sweep")
+    scheduler.add_job(timers, "interval", seconds=1, id="timers")
     scheduler.add_job(renew, "interval", seconds=max(1.0, lease_seconds / 3), id="renew-leases")
     scheduler.add_job(purge, "interval", hours=1, id="purge")
     return scheduler

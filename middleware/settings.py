@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from connectors import ConnectorConfig, connector_class
 from middleware.platforms import PLATFORM_TYPES, PlatformConfig
 from middleware.yamlfile import (
     ConfigError,
@@ -86,6 +87,11 @@ class Settings(_Section):
     store: StoreSettings = StoreSettings()
     flows: Path = Path("flows")
     platforms: dict[str, PlatformConfig] = Field(default_factory=dict)
+    connectors: dict[str, ConnectorConfig] = Field(default_factory=dict)
+    #: hosts a flow's `http` action may call; empty allows any
+    http_allow: tuple[str, ...] = ()
+    #: watch the flows folder and swap in valid changes between turns
+    reload: bool = True
     server: ServerSettings = ServerSettings()
     dispatch: DispatchSettings = DispatchSettings()
     typing: TypingSettings = TypingSettings()
@@ -127,7 +133,16 @@ def settings_from_doc(doc: YamlDoc, env: dict[str, str] | None = None) -> Settin
         platform = _platform_config(doc, name, raw, problems)
         if platform is not None:
             platforms[name] = platform
-    rest = {k: v for k, v in data.items() if k != "platforms"}
+    raw_connectors = data.get("connectors") or {}
+    connectors: dict[str, ConnectorConfig] = {}
+    if not isinstance(raw_connectors, dict):
+        problems.append(doc.problem(("connectors",), "connectors must be a mapping of name -> connector config"))
+        raw_connectors = {}
+    for name, raw in raw_connectors.items():
+        connector = _connector_config(doc, name, raw, problems)
+        if connector is not None:
+            connectors[name] = connector
+    rest = {k: v for k, v in data.items() if k not in ("platforms", "connectors")}
     known: dict[PathKey, Any] = {(): Settings.model_fields.keys()}
     for key, field in Settings.model_fields.items():
         ann = field.annotation
@@ -140,10 +155,15 @@ def settings_from_doc(doc: YamlDoc, env: dict[str, str] | None = None) -> Settin
         raise ConfigError(problems) from exc
     if problems:
         raise ConfigError(problems)
-    flows = settings.flows if settings.flows.is_absolute() else base / settings.flows
+    flows = (settings.flows if settings.flows.is_absolute() else base / settings.flows).resolve()
     store_url = _resolve_sqlite(settings.store.url, base)
     return settings.model_copy(
-        update={"flows": flows, "platforms": platforms, "store": settings.store.model_copy(update={"url": store_url})}
+        update={
+            "flows": flows,
+            "platforms": platforms,
+            "connectors": connectors,
+            "store": settings.store.model_copy(update={"url": store_url}),
+        }
     )
 
 
@@ -163,6 +183,23 @@ def _platform_config(doc: YamlDoc, name: str, raw: Any, problems: list[Problem])
         return model.model_validate(raw)
     except ValidationError as exc:
         problems += pydantic_problems(doc, at, exc.errors(), {at: model.model_fields.keys()})
+        return None
+
+
+def _connector_config(doc: YamlDoc, name: str, raw: Any, problems: list[Problem]) -> ConnectorConfig | None:
+    at = ("connectors", name)
+    if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
+        problems.append(doc.problem(at, f"connector '{name}' must be a mapping with a 'type'"))
+        return None
+    try:
+        cls = connector_class(raw["type"])
+    except LookupError as exc:
+        problems.append(doc.problem((*at, "type"), str(exc)))
+        return None
+    try:
+        return cls.Config.model_validate(raw)
+    except ValidationError as exc:
+        problems += pydantic_problems(doc, at, exc.errors(), {at: cls.Config.model_fields.keys()})
         return None
 
 

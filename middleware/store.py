@@ -33,6 +33,7 @@ from sqlalchemy import (
     event,
     exists,
     func,
+    insert,
     or_,
     select,
     text,
@@ -43,7 +44,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlmodel import Field, SQLModel
 
-from middleware.model import ConversationState, Inbound, Outgoing
+from middleware.model import ConversationState, Inbound, Outgoing, Sender, Timer
 
 log = logging.getLogger("switchboard.store")
 T = TypeVar("T")
@@ -102,9 +103,37 @@ class OutboxRow(SQLModel, table=True):
     sent_at: float | None = None
 
 
+class TimerRow(SQLModel, table=True):
+    """Something due later in a conversation; when due it becomes a `type: event` inbox message."""
+
+    __tablename__ = "timer"
+    __table_args__ = (
+        Index("ix_timer_due", "status", "due_at"),
+        Index("ix_timer_conversation", "conversation_key", "name", "status"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    conversation_key: str = Field(max_length=400)
+    name: str = Field(max_length=64)
+    due_at: float
+    payload: str
+    status: str = Field(default="pending", max_length=16)
+    created_at: float
+
+
+class UserRow(SQLModel, table=True):
+    """User-scope variables: kept per (platform, sender) across conversations."""
+
+    __tablename__ = "user_vars"
+    key: str = Field(primary_key=True, max_length=400)
+    vars: str
+    updated_at: float
+
+
 INBOX = InboxRow.__table__  # type: ignore[attr-defined]
 CONVERSATION = ConversationRow.__table__  # type: ignore[attr-defined]
 OUTBOX = OutboxRow.__table__  # type: ignore[attr-defined]
+TIMER = TimerRow.__table__  # type: ignore[attr-defined]
+USER = UserRow.__table__  # type: ignore[attr-defined]
 
 
 class StoreUnavailable(Exception):
@@ -350,8 +379,13 @@ class Store:
         inbox_ids: Sequence[int],
         state: ConversationState,
         outgoing: Sequence[tuple[Outgoing, str]],
+        *,
+        timers: Sequence[Timer] = (),
+        cancel_timers: Sequence[str] = (),
+        user_vars: tuple[str, dict[str, Any]] | None = None,
     ) -> None:
-        """Write a turn atomically: the conversation's state, its messages handled, its outbox rows.
+        """Write a turn atomically: the conversation's state, its messages handled, its outbox rows,
+        its timers (cancelled by name, then new ones) and changed user-scope variables.
 
         Raises LeaseLost (and writes nothing) if another claim took the conversation meanwhile.
         """
@@ -378,6 +412,21 @@ class Store:
             for item, key in outgoing
         ]
         add = self._insert(OUTBOX).on_conflict_do_nothing(index_elements=["idempotency_key"])
+        t = TIMER.c
+        cancel = update(TIMER).where(
+            t.conversation_key == lease.key, t.status == "pending", t.name.in_(list(cancel_timers))
+        )
+        timer_rows = [
+            {
+                "conversation_key": lease.key,
+                "name": timer.name,
+                "due_at": now + timer.after,
+                "payload": _dumps(timer.payload),
+                "status": "pending",
+                "created_at": now,
+            }
+            for timer in timers
+        ]
 
         def op(conn: Connection) -> None:
             if conn.execute(set_state).rowcount != 1:
@@ -386,8 +435,91 @@ class Store:
                 conn.execute(done)
             if rows:
                 conn.execute(add, rows)
+            if cancel_timers:
+                conn.execute(cancel.values(status="cancelled"))
+            if timer_rows:
+                conn.execute(insert(TIMER), timer_rows)
+            if user_vars is not None:
+                self._merge_user(conn, user_vars[0], user_vars[1], now)
 
         await self.run(op)
+
+    def _merge_user(self, conn: Connection, key: str, changes: dict[str, Any], now: float) -> None:
+        row = conn.execute(select(USER.c.vars).where(USER.c.key == key)).first()
+        current = json.loads(row[0]) if row else {}
+        for name, value in changes.items():
+            if value is None:
+                current.pop(name, None)
+            else:
+                current[name] = value
+        stmt = self._insert(USER).values(key=key, vars=_dumps(current), updated_at=now)
+        conn.execute(
+            stmt.on_conflict_do_update(index_elements=["key"], set_={"vars": _dumps(current), "updated_at": now})
+        )
+
+    async def user_vars(self, key: str) -> dict[str, Any]:
+        stmt = select(USER.c.vars).where(USER.c.key == key)
+
+        def op(conn: Connection) -> dict[str, Any]:
+            row = conn.execute(stmt).first()
+            return dict(json.loads(row[0])) if row else {}
+
+        return await self.run(op)
+
+    # -- timers ------------------------------------------------------------------------------
+
+    async def fire_due_timers(self, limit: int = 200) -> list[str]:
+        """Turn due timers into `type: event` inbox messages, once each; returns their conversations.
+
+        On PostgreSQL the rows are locked with SKIP LOCKED, so several nodes never fire one twice;
+        the inbox's unique (platform, message_id) would stop a second firing anyway.
+        """
+        now = time.time()
+        t = TIMER.c
+        due = select(TIMER).where(t.status == "pending", t.due_at <= now).order_by(t.due_at).limit(limit)
+        if self.dialect == "postgresql":
+            due = due.with_for_update(skip_locked=True)
+        add = self._insert(INBOX).on_conflict_do_nothing(index_elements=["platform", "message_id"])
+
+        def op(conn: Connection) -> list[str]:
+            rows = conn.execute(due).all()
+            if not rows:
+                return []
+            inbox = []
+            for r in rows:
+                platform, _, external = r.conversation_key.partition(":")
+                event = Inbound(
+                    platform=platform,
+                    message_id=f"timer:{r.id}",
+                    conversation_id=external,
+                    sender=Sender("switchboard", "switchboard"),
+                    type="event",
+                    payload={"event": "timer", "name": r.name, **json.loads(r.payload)},
+                )
+                inbox.append(
+                    {
+                        "platform": platform,
+                        "message_id": event.message_id,
+                        "conversation_key": r.conversation_key,
+                        "body": _dumps(event.to_json()),
+                        "status": "pending",
+                        "received_at": now,
+                    }
+                )
+            conn.execute(add, inbox)
+            conn.execute(update(TIMER).where(t.id.in_([r.id for r in rows])).values(status="fired"))
+            return sorted({r.conversation_key for r in rows})
+
+        return await self.run(op)
+
+    async def pending_timers(self, key: str) -> list[dict[str, Any]]:
+        t = TIMER.c
+        stmt = select(TIMER).where(t.conversation_key == key, t.status == "pending").order_by(t.due_at)
+
+        def op(conn: Connection) -> list[dict[str, Any]]:
+            return [{"name": r.name, "due_at": r.due_at, "payload": json.loads(r.payload)} for r in conn.execute(stmt)]
+
+        return await self.run(op)
 
     # -- outbox ------------------------------------------------------------------------------
 
@@ -515,6 +647,9 @@ class Store:
         def op(conn: Connection) -> int:
             n = conn.execute(delete(INBOX).where(INBOX.c.status == "done", INBOX.c.handled_at < before)).rowcount
             n += conn.execute(delete(OUTBOX).where(OUTBOX.c.status == "sent", OUTBOX.c.sent_at < before)).rowcount
+            n += conn.execute(
+                delete(TIMER).where(TIMER.c.status.in_(("fired", "cancelled")), TIMER.c.due_at < before)
+            ).rowcount
             return int(n)
 
         return await self.run(op)
@@ -603,7 +738,9 @@ def _make_engine(url: str, durability: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=4)
+    # without a connect timeout a server that accepts TCP but never answers hangs the writer thread forever
+    timeout = {} if "connect_timeout=" in url else {"connect_timeout": 3}
+    return create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=4, connect_args=timeout)
 
 
 __all__ = [

@@ -10,12 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
+from collections.abc import Callable, Sequence
 
 from middleware.engine import Engine, FlowFailed
 from middleware.metrics import Metrics
-from middleware.model import ConversationState, Outgoing, Reply
+from middleware.model import (
+    ConversationState,
+    Handoff,
+    Inbound,
+    Outgoing,
+    Owner,
+    Reply,
+    Resolve,
+    SetVariable,
+    TurnResult,
+)
 from middleware.platforms.base import DeliveryError, Platform
 from middleware.settings import Settings
 from middleware.store import Lease, PendingMessage, Store, idempotency_key
@@ -69,80 +81,152 @@ class Typing:
         return self.sent_on
 
 
+TurnObserver = Callable[[Inbound, TurnResult, float], None]
+
+
+def merge_burst(messages: Sequence[Inbound]) -> Inbound:
+    """Several quick text messages as one: their texts joined by newlines, the last one's id."""
+    last = messages[-1]
+    if len(messages) == 1:
+        return last
+    text = "\n".join(m.text for m in messages if m.text)
+    return dataclasses.replace(last, text=text, type="text")
+
+
 class TurnRunner:
     def __init__(self, store: Store, engine: Engine, settings: Settings, metrics: Metrics) -> None:
         self.store = store
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
+        #: called after each stored turn with (message, result, seconds); `switchboard chat` prints traces
+        self.observers: list[TurnObserver] = []
         self._background: set[asyncio.Task[None]] = set()
 
     async def run(
-        self, lease: Lease, platform: Platform, pending: PendingMessage, state: ConversationState
-    ) -> ConversationState:
-        """Run and store one turn; returns the conversation's new state."""
-        message = pending.inbound
+        self,
+        lease: Lease,
+        platform: Platform,
+        pending: Sequence[PendingMessage],
+        state: ConversationState,
+        interrupt: asyncio.Event | None = None,
+    ) -> ConversationState | None:
+        """Run and store one turn for one message (or a burst merged into one); returns the new state.
+
+        If `interrupt` is set while the flow works (a newer message arrived and the flow says
+        a newer message cancels the turn), the turn is dropped before anything is stored and
+        None is returned: its messages stay pending for the next turn.
+        """
+        message = merge_burst([p.inbound for p in pending])
         started = time.perf_counter()
+        is_event = message.type == "event"
 
         def key_of(n: int | str) -> str:
             return idempotency_key(message.platform, message.message_id, n)
 
-        if platform.supports_read:
-            self._spawn(
-                self._send_now(
-                    platform, Outgoing("read", message.conversation_id, message_id=message.message_id), key_of("read")
+        if platform.supports_read and not is_event:
+            for p in pending:
+                read = Outgoing("read", p.inbound.conversation_id, message_id=p.inbound.message_id)
+                self._spawn(
+                    self._send_now(platform, read, idempotency_key(p.inbound.platform, p.inbound.message_id, "read"))
                 )
-            )
+        user_key = f"{message.platform}:{message.sender.id}"
+        if not is_event and self.engine.uses_user_scope(message, state):
+            state = state.copy()
+            state.vars["user"] = await self.store.user_vars(user_key)
         delay = platform.config.typing_delay if platform.config.typing_delay is not None else self.settings.typing.delay
         typing = Typing(platform, message.conversation_id, message.message_id, key_of("typing"), delay)
-        typing.start()
-        replies: tuple[Reply, ...]
+        if not is_event and state.owner not in (Owner.QUEUED, Owner.AGENT):
+            typing.start()
+        deadline = time.monotonic() + self.settings.dispatch.turn_timeout
+        decision = asyncio.ensure_future(
+            asyncio.wait_for(self.engine.decide(message, state, deadline), self.settings.dispatch.turn_timeout)
+        )
+        if interrupt is not None:
+            waiter = asyncio.ensure_future(interrupt.wait())
+            await asyncio.wait([decision, waiter], return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if not decision.done():
+                decision.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await decision
+                if await typing.stop():
+                    off = Outgoing("typing", message.conversation_id, typing=False, message_id=message.message_id)
+                    self._spawn(self._send_now(platform, off, key_of("typing-off")))
+                log.info("turn cancelled by a newer message", extra={"conversation": lease.key})
+                return None
         try:
-            result = await asyncio.wait_for(self.engine.decide(message, state), self.settings.dispatch.turn_timeout)
-            replies, new_state = result.replies, result.state
+            result = await decision
         except Exception as exc:  # the user still gets an answer; the operator gets one line
-            reason = "timeout" if isinstance(exc, TimeoutError) else "flow" if isinstance(exc, FlowFailed) else "error"
-            self.metrics.turn_failures.labels(message.platform, reason).inc()
-            log.error(
-                "turn failed, fallback reply sent",
-                exc_info=not isinstance(exc, FlowFailed | TimeoutError),
-                extra={
-                    "platform": message.platform,
-                    "conversation": lease.key,
-                    "flow": state.flow,
-                    "state": state.state,
-                    "reason": reason,
-                    "error": str(exc),
-                },
-            )
-            replies = (Reply(text=self.settings.fallback_reply),)
-            new_state = ConversationState(state.flow, state.state, state.vars, state.turns + 1, state.owner)
+            result = self._failed(lease, message, state, exc)
         typing_was_on = await typing.stop()
         outgoing = [
             (Outgoing("message", message.conversation_id, reply=r, reply_to=message.message_id), key_of(i))
-            for i, r in enumerate(replies)
+            for i, r in enumerate(result.replies)
         ]
         if typing_was_on:
-            outgoing.append(
-                (
-                    Outgoing("typing", message.conversation_id, typing=False, message_id=message.message_id),
-                    key_of("typing-off"),
-                )
-            )
+            off = Outgoing("typing", message.conversation_id, typing=False, message_id=message.message_id)
+            outgoing.append((off, key_of("typing-off")))
+        outgoing += self._platform_actions(platform, message, result, key_of)
+        user_changes = {
+            a.name[5:]: a.value for a in result.actions if isinstance(a, SetVariable) and a.name.startswith("user.")
+        }
+        new_state = result.state.copy()
+        new_state.vars.pop("user", None)
         try:
-            await self.store.commit_turn(lease, [pending.inbox_id], new_state, outgoing)
+            await self.store.commit_turn(
+                lease,
+                [p.inbox_id for p in pending],
+                new_state,
+                outgoing,
+                timers=result.timers,
+                cancel_timers=result.cancel_timers,
+                user_vars=(user_key, user_changes) if user_changes else None,
+            )
         except BaseException:
             if typing_was_on:
-                self._spawn(
-                    self._send_now(
-                        platform,
-                        Outgoing("typing", message.conversation_id, typing=False, message_id=message.message_id),
-                        key_of("typing-off"),
-                    )
-                )
+                off = Outgoing("typing", message.conversation_id, typing=False, message_id=message.message_id)
+                self._spawn(self._send_now(platform, off, key_of("typing-off")))
             raise
-        self.metrics.turn_seconds.labels(message.platform).observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.metrics.turn_seconds.labels(message.platform).observe(elapsed)
+        for observer in self.observers:
+            observer(message, result, elapsed)
         return new_state
+
+    def _failed(self, lease: Lease, message: Inbound, state: ConversationState, exc: Exception) -> TurnResult:
+        reason = "timeout" if isinstance(exc, TimeoutError) else "flow" if isinstance(exc, FlowFailed) else "error"
+        self.metrics.turn_failures.labels(message.platform, reason).inc()
+        log.error(
+            "turn failed, fallback reply sent",
+            exc_info=not isinstance(exc, FlowFailed | TimeoutError),
+            extra={
+                "platform": message.platform,
+                "conversation": lease.key,
+                "flow": state.flow,
+                "state": state.state,
+                "reason": reason,
+                "error": str(exc),
+            },
+        )
+        kept = state.copy()
+        if message.type != "event":
+            kept.turns += 1
+        return TurnResult((Reply(text=self.settings.fallback_reply),), (), kept, (f"failed ({reason}): {exc}",))
+
+    def _platform_actions(
+        self, platform: Platform, message: Inbound, result: TurnResult, key_of: Callable[[int | str], str]
+    ) -> list[tuple[Outgoing, str]]:
+        """Handoff and resolve, for platforms with their own agent tools (in the outbox, after the replies)."""
+        if not platform.supports_handoff:
+            return []
+        out: list[tuple[Outgoing, str]] = []
+        for i, action in enumerate(result.actions):
+            if isinstance(action, Handoff):
+                out.append((Outgoing("handoff", message.conversation_id, handoff=action), key_of(f"handoff-{i}")))
+            elif isinstance(action, Resolve):
+                out.append((Outgoing("release", message.conversation_id), key_of(f"release-{i}")))
+        return out
 
     async def _send_now(self, platform: Platform, item: Outgoing, key: str) -> None:
         """Best-effort platform call outside the outbox (read receipts, a typing-off after a failed turn)."""

@@ -193,6 +193,7 @@ class ClearAction(Action):
         for n in names:
             if not VAR_NAME.match(n):
                 c.error(path, f"bad variable name {n!r}")
+            c.note_variable(n)
         return cls(tuple(names))
 
 

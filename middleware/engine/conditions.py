@@ -235,6 +235,8 @@ class VarIs(Condition):
         if not isinstance(value, dict) or not value:
             c.error(path, "vars takes a mapping of variable -> value or comparison")
             return cls(())
+        for k in value:
+            c.note_variable(str(k))
         return cls(tuple((str(k), Comparison.parse(c, v, (*path, k))) for k, v in value.items()))
 
 

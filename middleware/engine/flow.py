@@ -200,6 +200,8 @@ class Flow:
     nlu: str | None = None
     #: everything `schedule` may run later, by reference
     scheduled: dict[str, tuple[Action, ...]] = field(default_factory=dict)
+    #: the flow reads or writes user-scope variables (`user.NAME`), kept across conversations
+    user_scope: bool = False
 
     def serves(self, message: Inbound) -> bool:
         return self.match.fits(message)

@@ -130,6 +130,7 @@ class Compiler:
         self.hours_refs: list[tuple[str, PathKey]] = []
         self.scheduled_actions: dict[str, tuple[Action, ...]] = {}
         self.uses_nlu: list[PathKey] = []
+        self.user_scope = False
 
     # -- reporting -----------------------------------------------------------------------------
 
@@ -195,6 +196,10 @@ class Compiler:
 
     def note_flow(self, flow: str, path: PathKey) -> None:
         self.flow_refs.append((flow, path))
+
+    def note_variable(self, name: str) -> None:
+        if name.startswith("user."):
+            self.user_scope = True
 
     def note_hours(self, name: str, path: PathKey) -> None:
         self.hours_refs.append((name, path))
@@ -282,6 +287,7 @@ class Compiler:
             coalesce=coalesce,
             nlu=nlu,
             scheduled=self.scheduled_actions,
+            user_scope=self.user_scope,
         )
 
     def check_flow_refs(self, flows: dict[str, Flow]) -> None:

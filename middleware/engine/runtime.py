@@ -42,6 +42,10 @@ class Engine:
                 return flow
         return None
 
+    def uses_user_scope(self, message: Inbound, state: ConversationState) -> bool:
+        flow = self.flow_for(message, state)
+        return flow is not None and flow.user_scope
+
     def coalesce_window(self, message: Inbound, state: ConversationState) -> tuple[float, bool]:
         """(seconds to gather a burst of messages into one turn, whether a newer one cancels a turn)."""
         flow = self.flow_for(message, state)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -125,6 +126,10 @@ class Platform(ABC):
         are never handed to it.
         """
 
+    async def aclose(self) -> None:
+        """Release what the platform holds open (a realtime connection); called once at shutdown."""
+        return
+
 
 def hmac_sha256_hex(secret: str, body: bytes) -> str:
     return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
@@ -144,13 +149,25 @@ def decode_json(request: WebhookRequest) -> Any:
     if ctype.split(";", 1)[0].strip().lower() not in ("application/json", "") or not ctype:
         raise Rejected(415, f"expected Content-Type application/json, got {ctype or 'none'!r}")
     try:
-        return json.loads(request.body)
+        data = json.loads(request.body)
     except UnicodeDecodeError as exc:
         raise Rejected(400, "body is not UTF-8") from exc
     except json.JSONDecodeError as exc:
         raise Rejected(400, f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
     except RecursionError as exc:
         raise Rejected(400, "JSON nested too deeply") from exc
+    except ValueError as exc:  # an integer longer than Python converts (4300 digits)
+        raise Rejected(400, f"malformed JSON: {str(exc)[:80]}") from exc
+    # json.loads lets unpaired surrogates (\ud800 escapes, or raw with UTF-16/32) through; no database stores them
+    if _SURROGATE.search(request.body) or 0 in request.body[:4]:
+        try:
+            json_bytes(data)
+        except UnicodeEncodeError as exc:
+            raise Rejected(400, "malformed JSON: unpaired UTF-16 surrogate (\\ud800-\\udfff)") from exc
+    return data
+
+
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 
 
 def retry_after_seconds(value: str | None) -> float | None:

@@ -145,6 +145,8 @@ def _required_id(obj: dict[str, Any], key: str, at: str) -> str:
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise Rejected(400, f"{at}{key} must be a string", f"{at}{key}")
     text = str(value)
+    if "\x00" in text:  # PostgreSQL cannot store NUL in a text column
+        raise Rejected(400, f"{at}{key} must not contain NUL characters", f"{at}{key}")
     if len(text) > MAX_ID_LENGTH:
         raise Rejected(400, f"{at}{key} is longer than {MAX_ID_LENGTH} characters", f"{at}{key}")
     return text

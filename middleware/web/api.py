@@ -54,6 +54,16 @@ OPENAPI: dict[str, Any] = {
                 },
             }
         },
+        "/api/v1/flows/reload": {
+            "post": {
+                "summary": "Load the flows again; a broken set is refused and the running flows stay.",
+                "responses": {
+                    "200": {"description": "reloaded"},
+                    "422": {"description": "problems, as file:line:col: message"},
+                    **_UNAUTHORIZED,
+                },
+            }
+        },
         "/api/v1/conversations/{key}": {
             "get": {
                 "summary": "A conversation (key is platform:conversation_id): state, lease, messages, outbox.",
@@ -82,6 +92,7 @@ class AdminApi:
             Route("/api/v1/outbox/dead", self.guard(dead_letters), methods=["GET"]),
             Route("/api/v1/outbox/{id:int}/redeliver", self.guard(redeliver), methods=["POST"]),
             Route("/api/v1/conversations/{key:path}", self.guard(conversation), methods=["GET"]),
+            Route("/api/v1/flows/reload", self.guard(reload_flows), methods=["POST"]),
         ]
 
     def guard(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
@@ -129,6 +140,16 @@ async def redeliver(request: Request, s: Services) -> Response:
         return JSONResponse({"error": f"no dead letter with id {outbox_id}"}, status_code=404)
     s.dispatcher.notify(key)
     return JSONResponse({"requeued": outbox_id})
+
+
+async def reload_flows(request: Request, s: Services) -> Response:
+    problems = await request.app.state.reloader.reload()
+    if problems:
+        return JSONResponse(
+            {"reloaded": False, "problems": [str(p) for p in problems], "flows": sorted(s.engine.flows)},
+            status_code=422,
+        )
+    return JSONResponse({"reloaded": True, "flows": sorted(s.engine.flows)})
 
 
 async def conversation(request: Request, s: Services) -> Response:
