@@ -9,8 +9,11 @@ from __future__ import annotations
 import importlib
 
 from connectors.base import Connector, ConnectorConfig
+from connectors.canned import CannedConnector
 
-CONNECTOR_TYPES: dict[str, type[Connector]] = {}
+CONNECTOR_TYPES: dict[str, type[Connector]] = {
+    "canned": CannedConnector,
+}
 
 
 def connector_class(type_name: str) -> type[Connector]:

@@ -144,7 +144,7 @@ def create_app(settings: Settings, *, http: httpx.AsyncClient | None = None) -> 
 
     admin = AdminApi(settings.admin.token)
     routes = [
-        Route("/webhooks/{name}", webhook, methods=["POST"]),
+        Route("/webhooks/{name}", webhook, methods=["GET", "POST"]),
         # sub-paths and other methods, for platforms that need them (verification GETs, Matrix PUTs)
         Route("/webhooks/{name}/{rest:path}", webhook, methods=["GET", "POST", "PUT"]),
         Route("/healthz", healthz, methods=["GET"]),

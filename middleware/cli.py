@@ -32,11 +32,17 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--flow", help="talk to this flow only")
     chat.add_argument("--no-trace", action="store_true", help="hide the per-turn trace")
 
+    test = sub.add_parser("test", help="run conversation tests (*.test.yaml)")
+    test.add_argument("paths", nargs="*", type=Path, default=[Path("flows")])
+    test.add_argument("--flows", type=Path, help="the flows folder (default: each test file's folder)")
+
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
     if args.command == "check":
         return _check(args.paths)
+    if args.command == "test":
+        return asyncio.run(_test(args.paths, args.flows))
     return asyncio.run(_chat(args))
 
 
@@ -114,6 +120,28 @@ def _is_config(path: Path) -> bool:
     except (OSError, yaml.YAMLError):
         return False
     return isinstance(data, dict) and "flow" not in data and ("platforms" in data or "store" in data)
+
+
+async def _test(paths: list[Path], flows: Path | None) -> int:
+    from middleware.conversation_tests import run_files, test_files
+
+    files = test_files(paths)
+    if not files:
+        print(f"no conversation tests (*.test.yaml) under {', '.join(map(str, paths))}", file=sys.stderr)
+        return 1
+    outcome = await run_files(files, flows)
+    for problem in outcome.problems:
+        print(problem)
+    for failure in outcome.failures:
+        print(f"FAIL {failure.where}: {failure.title}")
+        for line in failure.lines:
+            print(f"    {line}")
+    failed = len(outcome.failures) + len(outcome.problems)
+    print(
+        f"{outcome.passed} passed, {len(outcome.failures)} failed"
+        + (f", {len(outcome.problems)} problems" if outcome.problems else "")
+    )
+    return 1 if failed else 0
 
 
 async def _chat(args: argparse.Namespace) -> int:

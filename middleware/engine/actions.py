@@ -7,7 +7,6 @@ timers; it never talks to a platform.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -311,7 +310,7 @@ class WaitAction(Action):
     seconds: float
 
     async def run(self, ctx: TurnContext) -> None:
-        await asyncio.sleep(self.seconds)
+        await ctx.resources.sleep(self.seconds)
 
     @classmethod
     def from_yaml(cls, c: Compiler, value: Any, path: PathKey) -> Action | None:

@@ -7,8 +7,9 @@ loader calls; the language grows by adding a class to one of those registries.
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -33,6 +34,8 @@ class Resources:
     http: httpx.AsyncClient | None = None
     #: hosts the `http` action may call; empty means any
     http_allow: tuple[str, ...] = ()
+    #: how `wait` pauses; conversation tests replace it with a clock that only moves forward
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
 
 @dataclass(slots=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from datetime import datetime
 
 from connectors.base import ConnectorError
 from middleware.engine.actions import TIMER_EXPECT, TIMER_SCHEDULED, TIMER_STATE
@@ -53,8 +54,13 @@ class Engine:
             return 0.0, False
         return flow.coalesce.window, flow.coalesce.cancel_inflight
 
-    async def decide(self, message: Inbound, state: ConversationState, deadline: float | None = None) -> TurnResult:
-        """Run one turn; raises FlowFailed if the flow breaks (the caller sends the fallback reply)."""
+    async def decide(
+        self, message: Inbound, state: ConversationState, deadline: float | None = None, now: datetime | None = None
+    ) -> TurnResult:
+        """Run one turn; raises FlowFailed if the flow breaks (the caller sends the fallback reply).
+
+        `now` fixes the clock (business hours, templates) for conversation tests.
+        """
         flow = self.flow_for(message, state)
         if flow is None:
             return TurnResult((), (), state, ("no flow serves this conversation",))
@@ -70,6 +76,8 @@ class Engine:
             deadline=deadline if deadline is not None else time.monotonic() + 30,
             first=state.turns == 0,
         )
+        if now is not None:
+            ctx.now = now
         try:
             await self._turn(ctx)
         except TemplateFailed as exc:
