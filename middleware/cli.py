@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from pathlib import Path
 
@@ -36,6 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     test.add_argument("paths", nargs="*", type=Path, default=[Path("flows")])
     test.add_argument("--flows", type=Path, help="the flows folder (default: each test file's folder)")
 
+    graph = sub.add_parser("graph", help="a flow's states and transitions as Mermaid (or SVG with --svg)")
+    graph.add_argument("flow", help="a flow name or a flow file")
+    graph.add_argument("--flows", type=Path, default=Path("flows"))
+    graph.add_argument("--svg", action="store_true", help="render SVG with Graphviz's dot")
+    graph.add_argument("--dot", action="store_true", help="print Graphviz DOT")
+
+    sub.add_parser("schema", help="JSON Schema of flows and config, for editors")
+
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
@@ -43,6 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         return _check(args.paths)
     if args.command == "test":
         return asyncio.run(_test(args.paths, args.flows))
+    if args.command == "graph":
+        return _graph(args)
+    if args.command == "schema":
+        from middleware.schema import schema_document
+
+        print(json.dumps(schema_document(), indent=2))
+        return 0
     return asyncio.run(_chat(args))
 
 
@@ -120,6 +136,39 @@ def _is_config(path: Path) -> bool:
     except (OSError, yaml.YAMLError):
         return False
     return isinstance(data, dict) and "flow" not in data and ("platforms" in data or "store" in data)
+
+
+def _graph(args: argparse.Namespace) -> int:
+    import shutil
+    import subprocess
+
+    from middleware.engine import load_flows
+    from middleware.engine.graph import dot, mermaid
+
+    source = Path(args.flow)
+    root = source if source.suffix in (".yaml", ".yml") and source.exists() else args.flows
+    try:
+        flows = load_flows(root)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    name = next(iter(flows)) if root == source else args.flow
+    if name not in flows:
+        print(f"no flow named {name!r}; loaded: {', '.join(sorted(flows))}", file=sys.stderr)
+        return 1
+    flow = flows[name]
+    if not args.svg:
+        print(dot(flow) if args.dot else mermaid(flow), end="")
+        return 0
+    if shutil.which("dot") is None:
+        print("--svg needs Graphviz's `dot` (Debian: apt-get install graphviz)", file=sys.stderr)
+        return 1
+    svg = subprocess.run(["dot", "-Tsvg"], input=dot(flow), capture_output=True, text=True, check=False)
+    if svg.returncode != 0:
+        print(svg.stderr, file=sys.stderr)
+        return 1
+    print(svg.stdout, end="")
+    return 0
 
 
 async def _test(paths: list[Path], flows: Path | None) -> int:
