@@ -172,8 +172,10 @@ def _graph(args: argparse.Namespace) -> int:
 
 
 async def _test(paths: list[Path], flows: Path | None) -> int:
+    from middleware import logs
     from middleware.conversation_tests import run_files, test_files
 
+    logs.configure("error")
     files = test_files(paths)
     if not files:
         print(f"no conversation tests (*.test.yaml) under {', '.join(map(str, paths))}", file=sys.stderr)

@@ -91,7 +91,8 @@ def _build(node: yaml.Node, path: PathKey, doc: YamlDoc) -> Any:
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = _constructor.construct_object(key_node, deep=True)
+            # keys are names, never YAML 1.1 booleans or numbers: `on:` stays "on", `1:` stays "1"
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else _constructor.construct_object(key_node)
             if key == "<<":
                 continue
             key_str = str(key)

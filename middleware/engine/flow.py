@@ -78,6 +78,7 @@ class TurnContext:
                 "channel": m.channel,
             },
             "vars": self.state.vars,
+            "counters": {"misses": self.state.misses, **self.state.counters},
             "user": {
                 "id": m.sender.id,
                 "name": m.sender.name or "",

@@ -1,0 +1,58 @@
+"""Every condition and action of the flow language, through conversation tests (tests/engine/flows),
+plus the shipped example flows' own tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from middleware.conversation_tests import run_files
+from middleware.conversation_tests import test_files as find_tests
+from middleware.schema import config_schema, flow_schema
+from tests.conftest import REPO
+
+HERE = Path(__file__).parent
+
+
+@pytest.mark.parametrize("folder", [HERE / "flows", REPO / "flows"], ids=["features", "shipped"])
+async def test_conversation_tests_pass(folder: Path) -> None:
+    files = find_tests([folder])
+    assert files, f"no *.test.yaml under {folder}"
+    outcome = await run_files(files)
+    report = [str(p) for p in outcome.problems] + [f"{f.where} {f.title}: {f.lines}" for f in outcome.failures]
+    assert not report, "\n".join(report)
+    assert outcome.passed >= 3
+
+
+async def test_a_wrong_expectation_fails_with_a_diff(tmp_path: Path) -> None:
+    (tmp_path / "demo.yaml").write_text((REPO / "flows" / "demo.yaml").read_text())
+    (tmp_path / "x.test.yaml").write_text(
+        "tests:\n  - name: wrong\n    steps:\n      - user: hours\n        expect: {reply: closed, state: nowhere}\n"
+    )
+    outcome = await run_files([tmp_path / "x.test.yaml"])
+    assert outcome.passed == 0 and len(outcome.failures) == 1
+    lines = outcome.failures[0].lines
+    assert "  - closed" in lines
+    assert "  + We are open Monday to Friday, 09:00-17:00 (Jakarta time)." in lines
+    assert any(line.startswith("state: expected 'nowhere'") for line in lines)
+
+
+def test_shipped_schema_files_are_current() -> None:
+    assert json.loads((REPO / "schema" / "flow.json").read_text()) == flow_schema()
+    assert json.loads((REPO / "schema" / "config.json").read_text()) == config_schema()
+
+
+def test_flow_schema_lists_what_the_loader_accepts() -> None:
+    from middleware.engine.actions import ACTIONS
+    from middleware.engine.conditions import CONDITIONS
+    from middleware.engine.loader import FLOW_KEYS, ROUTE_KEYS, STATE_KEYS
+
+    schema = flow_schema()
+    assert set(schema["properties"]) == set(FLOW_KEYS)
+    assert set(schema["$defs"]["route"]["properties"]) == set(ROUTE_KEYS)
+    assert set(schema["$defs"]["state"]["properties"]) == set(STATE_KEYS)
+    assert set(schema["$defs"]["condition"]["properties"]) == set(CONDITIONS)
+    keys = {next(iter(o["properties"])) for o in schema["$defs"]["action"]["oneOf"] if o["type"] == "object"}
+    assert keys == set(ACTIONS)
