@@ -94,4 +94,5 @@ async def _read_line() -> str | None:
     try:
         return await asyncio.to_thread(input, "you> ")
     except EOFError:
+        print()  # end the prompt's line, so the shell's prompt does not follow "you> "
         return None

@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     graph.add_argument("--svg", action="store_true", help="render SVG with Graphviz's dot")
     graph.add_argument("--dot", action="store_true", help="print Graphviz DOT")
 
-    sub.add_parser("schema", help="JSON Schema of flows and config, for editors")
+    schema = sub.add_parser("schema", help="JSON Schema of flows and config, for editors")
+    schema.add_argument("--out", type=Path, help="write flow.json and config.json into this folder")
 
     args = parser.parse_args(argv)
     if args.command == "serve":
@@ -57,7 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "schema":
         from middleware.schema import schema_document
 
-        print(json.dumps(schema_document(), indent=2))
+        document = schema_document()
+        if args.out is None:
+            print(json.dumps(document, indent=2))
+            return 0
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name, part in document.items():
+            (args.out / f"{name}.json").write_text(json.dumps(part, indent=2) + "\n")
+        print(f"wrote {', '.join(f'{n}.json' for n in document)} to {args.out}", file=sys.stderr)
         return 0
     return asyncio.run(_chat(args))
 
@@ -133,7 +141,7 @@ def _is_config(path: Path) -> bool:
 
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+    except Exception:  # unreadable, not UTF-8, not YAML, a bad tag: checked as a flow, which reports where
         return False
     return isinstance(data, dict) and "flow" not in data and ("platforms" in data or "store" in data)
 

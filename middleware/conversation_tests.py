@@ -35,8 +35,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from connectors.canned import CannedConfig, CannedConnector
-from middleware.engine import Engine, FlowFailed, Known, Resources, load_flows
+from middleware.engine import Engine, FlowFailed, Resources, load_flows
 from middleware.engine.loader import parse_duration
+from middleware.handoff import HandoffMachine, HandoffSettings
 from middleware.model import (
     Attachment,
     ConversationState,
@@ -53,6 +54,7 @@ from middleware.yamlfile import ConfigError, Problem, YamlDoc, load_yaml, pydant
 
 FALLBACK_REPLY = "Sorry, something went wrong on our side. Please try again in a moment."
 STEP_KINDS = ("user", "postback", "image", "file", "event", "wait")
+STEP_EXTRAS = ("expect", "with")
 EXPECT_KEYS = ("replies", "reply", "no_reply", "buttons", "vars", "state", "owner", "handoff", "resolve")
 
 
@@ -115,9 +117,14 @@ async def _run_file(doc: YamlDoc, flows_dir: Path, outcome: Outcome) -> None:
             outcome.problems += pydantic_problems(doc, ("connectors", name), exc.errors())
             continue
         connectors[str(name)] = CannedConnector(str(name), config, None)
+    try:
+        handoff = HandoffMachine(HandoffSettings.model_validate(data.get("handoff") or {}))
+    except ValidationError as exc:
+        outcome.problems += pydantic_problems(doc, ("handoff",), exc.errors())
+        return
     root = Path(doc.file).parent / str(data["flows"]) if "flows" in data else flows_dir
     try:
-        flows = load_flows(root, Known(connectors=frozenset(connectors)))
+        flows = load_flows(root)
     except ConfigError as exc:
         outcome.problems += exc.problems
         return
@@ -125,7 +132,7 @@ async def _run_file(doc: YamlDoc, flows_dir: Path, outcome: Outcome) -> None:
         if not isinstance(test, dict) or not isinstance(test.get("steps"), list):
             outcome.problems.append(doc.problem(("tests", i), "a test is {name, steps: [...]}"))
             continue
-        await _run_test(doc, i, test, flows, connectors, outcome)
+        await _run_test(doc, i, test, flows, connectors, handoff, outcome)
 
 
 async def _run_test(
@@ -134,13 +141,14 @@ async def _run_test(
     test: dict[str, Any],
     flows: Any,
     connectors: dict[str, CannedConnector],
+    handoff: HandoffMachine,
     outcome: Outcome,
 ) -> None:
     line, _ = doc.where(("tests", index))
     name = str(test.get("name", f"test {index + 1}"))
     where = f"{doc.file}:{line}"
     clock = _Clock(_parse_clock(test.get("clock")))
-    engine = Engine(flows, Resources(connectors=connectors, sleep=clock.sleep))
+    engine = Engine(flows, Resources(connectors=connectors, sleep=clock.sleep, handoff=handoff))
     user = test.get("user") or {}
     sender = Sender(str(user.get("id", "tester")), user.get("name"), dict(user.get("attributes") or {}))
     platform = str(test.get("platform", "test"))
@@ -174,7 +182,7 @@ async def _run_test(
                 state = await _turn(engine, event, state, clock, results)
             clock.now = until
         else:
-            message = _step_message(kind, step[kind], platform, sender, f"m-{next(ids)}")
+            message = _step_message(kind, step[kind], platform, sender, f"m-{next(ids)}", step.get("with"))
             state = await _turn(engine, message, state, clock, results)
         problems = _check(step.get("expect"), results, state)
         if problems:
@@ -221,7 +229,9 @@ def _message(
     return Inbound(platform, mid, "test-conversation", sender, kind, text, payload or {})
 
 
-def _step_message(kind: str, value: Any, platform: str, sender: Sender, mid: str) -> Inbound:
+def _step_message(
+    kind: str, value: Any, platform: str, sender: Sender, mid: str, extra: dict[str, Any] | None = None
+) -> Inbound:
     if kind == "user":
         return _message(platform, sender, mid, "text", str(value))
     if kind == "postback":
@@ -230,7 +240,7 @@ def _step_message(kind: str, value: Any, platform: str, sender: Sender, mid: str
         return Inbound(platform, mid, "test-conversation", sender, "image", "", {}, (Attachment("image", str(value)),))
     if kind == "file":
         return Inbound(platform, mid, "test-conversation", sender, "file", "", {}, (Attachment("file", str(value)),))
-    return _message(platform, sender, mid, "event", payload={"event": str(value)})
+    return _message(platform, sender, mid, "event", payload={**(extra or {}), "event": str(value)})
 
 
 def _check(expect: Any, results: list[TurnResult], state: ConversationState) -> list[str]:

@@ -190,6 +190,8 @@ class Handoff:
 
     queue: str = "default"
     reason: str = ""
+    #: the state the bot resumes at when the human gives the conversation back
+    resume: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,7 +239,11 @@ class Outgoing:
         if self.message_id is not None:
             data["message_id"] = self.message_id
         if self.handoff is not None:
-            data["handoff"] = {"queue": self.handoff.queue, "reason": self.handoff.reason}
+            data["handoff"] = {
+                "queue": self.handoff.queue,
+                "reason": self.handoff.reason,
+                "resume": self.handoff.resume,
+            }
         return data
 
     @classmethod
@@ -251,7 +257,7 @@ class Outgoing:
             reply_to=data.get("reply_to"),
             typing=bool(data.get("typing", False)),
             message_id=data.get("message_id"),
-            handoff=Handoff(handoff["queue"], handoff.get("reason", "")) if handoff else None,
+            handoff=Handoff(handoff["queue"], handoff.get("reason", ""), handoff.get("resume")) if handoff else None,
         )
 
 
@@ -273,6 +279,8 @@ class ConversationState:
     entered: int = 0
     #: recent turns for connectors: [["user" | "bot", text]]
     history: list[list[str]] = field(default_factory=list)
+    #: the open handoff: {"queue", "reason", "resume", "since", "history_at", "agent"}
+    handoff: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -286,6 +294,7 @@ class ConversationState:
             "stack": self.stack,
             "entered": self.entered,
             "history": self.history,
+            "handoff": self.handoff,
         }
 
     @classmethod
@@ -303,6 +312,7 @@ class ConversationState:
             stack=list(data.get("stack") or []),
             entered=int(data.get("entered", 0)),
             history=[list(h) for h in data.get("history") or []],
+            handoff=data.get("handoff"),
         )
 
     def copy(self) -> ConversationState:
@@ -319,6 +329,16 @@ class Timer:
 
 
 @dataclass(frozen=True, slots=True)
+class Transition:
+    """A change of owner, kept with who made it and why (the conversation's audit trail)."""
+
+    before: Owner
+    after: Owner
+    actor: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class TurnResult:
     """What one turn decided: replies to send, actions taken, timers to set, the state to keep."""
 
@@ -329,3 +349,4 @@ class TurnResult:
     timers: tuple[Timer, ...] = ()
     #: timer names to cancel (a state left cancels its timeout)
     cancel_timers: tuple[str, ...] = ()
+    transitions: tuple[Transition, ...] = ()

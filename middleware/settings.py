@@ -173,7 +173,7 @@ def _platform_config(doc: YamlDoc, name: str, raw: Any, problems: list[Problem])
         problems.append(doc.problem(at, f"platform '{name}' must be a mapping with a 'type'"))
         return None
     ptype = raw.get("type")
-    if ptype not in PLATFORM_TYPES:
+    if not isinstance(ptype, str) or ptype not in PLATFORM_TYPES:
         known = ", ".join(sorted(PLATFORM_TYPES))
         hint = nearest(str(ptype), PLATFORM_TYPES) if ptype else ""
         problems.append(doc.problem((*at, "type"), f"unknown platform type {ptype!r}{hint}; known: {known}"))

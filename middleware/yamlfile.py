@@ -66,12 +66,25 @@ def parse_yaml(text: str, file: str) -> YamlDoc:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
+        message = f"YAML syntax: {exc.problem or exc}"
+        if exc.context_mark and exc.problem_mark and exc.problem_mark.index >= len(text.rstrip()):
+            # an unclosed quote or bracket is found at the end of the file: point where it was opened
+            mark, message = exc.context_mark, f"{message} {exc.context or ''}".rstrip()
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        raise ConfigError([Problem(file, line, col, f"YAML syntax: {exc.problem or exc}")]) from exc
+        raise ConfigError([Problem(file, line, col, message)]) from exc
     doc = YamlDoc(file, None)
     if node is None:
         return doc
-    doc.data = _build(node, (), doc)
+    try:
+        doc.data = _build(node, (), doc)
+    except (yaml.YAMLError, ValueError, TypeError, KeyError, OverflowError) as exc:
+        # a tag its value does not fit (`!!int abc`, `!custom x`) or a bad merge key: at the node being read
+        mark = getattr(exc, "problem_mark", None)
+        line, col = (mark.line + 1, mark.column + 1) if mark else next(reversed(doc.positions.values()), (1, 1))
+        raise ConfigError([Problem(file, line, col, f"YAML value: {getattr(exc, 'problem', None) or exc}")]) from exc
+    finally:  # the shared constructor caches every node it built: keep it from holding every file ever read
+        _constructor.constructed_objects.clear()
+        _constructor.recursive_objects.clear()
     return doc
 
 
@@ -80,6 +93,10 @@ def load_yaml(path: Path) -> YamlDoc:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([Problem(str(path), 1, 1, f"cannot read: {exc.strerror}")]) from exc
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        col = len(exc.object[exc.object.rfind(b"\n", 0, exc.start) + 1 : exc.start].decode(errors="replace")) + 1
+        raise ConfigError([Problem(str(path), line, col, f"not UTF-8: {exc.reason}")]) from exc
     return parse_yaml(text, str(path))
 
 
@@ -88,7 +105,15 @@ _constructor = yaml.SafeLoader(stream="")
 
 def _build(node: yaml.Node, path: PathKey, doc: YamlDoc) -> Any:
     doc.positions[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+    if isinstance(node, yaml.ScalarNode) and node.style in ("|", ">") and node.start_mark.buffer:
+        # a block scalar's text starts on the line below its `|` / `>`; templates count their lines from there
+        buf, start = node.start_mark.buffer, node.start_mark.buffer.find("\n", node.start_mark.pointer) + 1
+        first = buf[start : buf.find("\n", start)]
+        if start:
+            col = len(first) - len(first.lstrip(" ")) + 1 if first.strip() else node.start_mark.column + 1
+            doc.positions[path] = (node.start_mark.line + 2, col)
     if isinstance(node, yaml.MappingNode):
+        _constructor.flatten_mapping(node)  # `<<: *anchor` merge keys: the anchor's keys, then ours over them
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
             # keys are names, never YAML 1.1 booleans or numbers: `on:` stays "on", `1:` stays "1"
@@ -118,7 +143,7 @@ def interpolate_env(doc: YamlDoc, env: dict[str, str] | None = None) -> list[Pro
 
             def one(m: re.Match[str]) -> str:
                 name, default = m.group(1), m.group(2)
-                if name in environ:
+                if environ.get(name) or (name in environ and default is None):  # `:-` as in sh: empty takes the default
                     return environ[name]
                 if default is not None:
                     return default

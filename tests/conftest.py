@@ -88,8 +88,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def generic_config(store_url: str, platform_url: str, flows: Path, extra: str = "", secret: str | None = None) -> Settings:
+def generic_config(
+    store_url: str,
+    platform_url: str,
+    flows: Path,
+    extra: str = "",
+    secret: str | None = None,
+    platform_keys: dict[str, Any] | None = None,
+) -> Settings:
+    """A config with one generic platform `myapp`; `platform_keys` adds keys under it (e.g. typing_ttl)."""
     secret_line = f"    secret: {secret}\n" if secret else ""
+    secret_line += "".join(f"    {k}: {v}\n" for k, v in (platform_keys or {}).items())
     text = (
         textwrap.dedent(
             f"""\

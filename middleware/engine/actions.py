@@ -20,7 +20,7 @@ import httpx
 from connectors.base import ConnectorError, ConnectorTurn, HistoryEntry
 from middleware.engine.flow import Action, TurnContext
 from middleware.engine.templates import Template, TemplateFailed
-from middleware.model import Attachment, Button, Card, Handoff, Owner, Reply, Resolve, SetVariable, Timer
+from middleware.model import Attachment, Button, Card, Handoff, Owner, Reply, Resolve, SetVariable, Timer, Transition
 
 if TYPE_CHECKING:
     from middleware.engine.loader import Compiler
@@ -261,16 +261,19 @@ class ReturnAction(Action):
 
 @dataclass(frozen=True, slots=True)
 class HandoffAction(Action):
-    """`handoff: tier1` or `handoff: {queue, reason}`: a human takes over; the bot goes quiet."""
+    """`handoff: tier1` or `handoff: {queue, reason, resume}`: a human takes over; the bot goes quiet
+    until the conversation is given back, then resumes at `resume` (a state of this flow)."""
 
     key = "handoff"
     queue: str
     reason: Template
+    resume: str | None = None
 
     async def run(self, ctx: TurnContext) -> None:
-        ctx.state.owner = Owner.QUEUED
-        ctx.actions.append(Handoff(self.queue, self.reason.render(ctx.template_context())))
-        ctx.stopped = True
+        ctx.handoff.request(ctx, Handoff(self.queue, self.reason.render(ctx.template_context()), self.resume))
+
+    def targets(self) -> tuple[str, ...]:
+        return (self.resume,) if self.resume else ()
 
     @classmethod
     def from_yaml(cls, c: Compiler, value: Any, path: PathKey) -> Action | None:
@@ -282,10 +285,13 @@ class HandoffAction(Action):
         if not isinstance(value, dict):
             c.error(path, "handoff takes a queue name or {queue, reason}")
             return None
-        c.known_keys(value, path, ("queue", "reason"), "handoff")
+        c.known_keys(value, path, ("queue", "reason", "resume"), "handoff")
         queue = str(value.get("queue", "default"))
         c.note_queue(queue, (*path, "queue"))
-        return cls(queue, c.template(value.get("reason", "flow"), (*path, "reason")))
+        resume = value.get("resume")
+        if resume is not None:
+            c.note_goto(str(resume), (*path, "resume"))
+        return cls(queue, c.template(value.get("reason", "flow"), (*path, "reason")), str(resume) if resume else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,7 +300,9 @@ class ResolveAction(Action):
 
     async def run(self, ctx: TurnContext) -> None:
         ctx.actions.append(Resolve("flow"))
-        ctx.state.owner = Owner.BOT
+        if ctx.state.owner == Owner.BOT:
+            ctx.state.owner = Owner.RESOLVED
+            ctx.transitions.append(Transition(Owner.BOT, Owner.RESOLVED, "bot", "resolved by the flow"))
         ctx.stopped = True
 
     @classmethod
@@ -459,9 +467,7 @@ class AskAction(Action):
             if isinstance(action, SetVariable):
                 set_variable(ctx, action.name, action.value)
             elif isinstance(action, Handoff):
-                ctx.state.owner = Owner.QUEUED
-                ctx.actions.append(action)
-                ctx.stopped = True
+                ctx.handoff.request(ctx, action)
             else:
                 ctx.actions.append(action)
         if result.end:

@@ -120,9 +120,10 @@ class TypeIs(Condition):
     @classmethod
     def from_yaml(cls, c: Compiler, value: Any, path: PathKey) -> Condition:
         types = c.strings(value, path)
-        for t in types:
-            if t not in MESSAGE_TYPES:
-                c.unknown(path, t, MESSAGE_TYPES, "message type", key=False)
+        for i, t in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(t, str | int | float) and not isinstance(t, bool) and str(t) not in MESSAGE_TYPES:
+                at = (*path, i) if isinstance(value, list) else path
+                c.unknown(at, str(t), MESSAGE_TYPES, "message type", key=False)
         return cls(tuple(types))
 
 

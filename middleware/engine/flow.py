@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from connectors.base import NLU, Connector
 from middleware.engine.hours import Hours
 from middleware.model import Action as CoreAction
-from middleware.model import ConversationState, Inbound, Reply, Timer
+from middleware.model import ConversationState, Inbound, Reply, Timer, Transition
 
 if TYPE_CHECKING:
     import httpx
 
     from middleware.engine.loader import Compiler
+    from middleware.handoff import HandoffMachine
     from middleware.yamlfile import PathKey
 
 
@@ -36,6 +37,8 @@ class Resources:
     http_allow: tuple[str, ...] = ()
     #: how `wait` pauses; conversation tests replace it with a clock that only moves forward
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    #: ownership transitions and queues (set by the Engine when not given)
+    handoff: HandoffMachine | None = None
 
 
 @dataclass(slots=True)
@@ -54,6 +57,7 @@ class TurnContext:
     actions: list[CoreAction] = field(default_factory=list)
     timers: list[Timer] = field(default_factory=list)
     cancel_timers: list[str] = field(default_factory=list)
+    transitions: list[Transition] = field(default_factory=list)
     trace: list[str] = field(default_factory=list)
     goto: str | None = None
     #: a `call` or `return` switched flows: (flow name, state)
@@ -64,6 +68,12 @@ class TurnContext:
     @property
     def vars(self) -> dict[str, Any]:
         return self.state.vars
+
+    @property
+    def handoff(self) -> HandoffMachine:
+        machine = self.resources.handoff
+        assert machine is not None, "Engine sets resources.handoff"
+        return machine
 
     def template_context(self) -> dict[str, Any]:
         m = self.message

@@ -166,7 +166,7 @@ class Compiler:
             return None
         try:
             return re.compile(raw)
-        except re.error as exc:
+        except (re.error, OverflowError, RecursionError) as exc:  # `a{99999999999}` overflows
             self.error(path, f"bad regular expression: {exc}")
             return None
 

@@ -11,7 +11,7 @@ from connectors.base import ConnectorError
 from middleware.engine.actions import TIMER_EXPECT, TIMER_SCHEDULED, TIMER_STATE
 from middleware.engine.flow import Action, Flow, Resources, Route, TurnContext
 from middleware.engine.templates import TemplateFailed
-from middleware.model import ConversationState, Inbound, Owner, Timer, TurnResult
+from middleware.model import ConversationState, Inbound, Owner, Timer, Transition, TurnResult
 
 log = logging.getLogger("switchboard.engine")
 
@@ -31,6 +31,10 @@ class Engine:
     def __init__(self, flows: Mapping[str, Flow], resources: Resources | None = None) -> None:
         self.flows: dict[str, Flow] = dict(flows)
         self.resources = resources or Resources()
+        if self.resources.handoff is None:
+            from middleware.handoff import HandoffMachine
+
+            self.resources.handoff = HandoffMachine()
 
     def swap(self, flows: Mapping[str, Flow]) -> None:
         self.flows = dict(flows)
@@ -96,6 +100,7 @@ class Engine:
             tuple(ctx.trace),
             tuple(ctx.timers),
             tuple(dict.fromkeys(ctx.cancel_timers)),
+            tuple(ctx.transitions),
         )
 
     async def _turn(self, ctx: TurnContext) -> None:
@@ -104,16 +109,31 @@ class Engine:
         if message.type == "event":
             event = str(message.payload.get("event", ""))
             if event == EVENT_TIMER:
-                await self._timer(ctx)
+                if not ctx.handoff.timer(ctx, str(message.payload.get("name"))):
+                    await self._timer(ctx)
+                else:
+                    await self._after_give_back(ctx, None)
+                return
+            before = state.owner
+            if ctx.handoff.event(ctx, event, message.payload):
+                if before != Owner.BOT and state.owner == Owner.BOT:
+                    await self._after_give_back(ctx, "agent.resolved")
+                elif before == Owner.QUEUED and state.owner == Owner.AGENT and "agent.assigned" in flow.on:
+                    await self._run(flow.on["agent.assigned"], ctx)
                 return
             handler = flow.on.get(event)
             if handler is not None:
                 ctx.trace.append(f"on {event}")
                 await self._run(handler, ctx)
                 return
-        if state.owner in (Owner.QUEUED, Owner.AGENT) and message.type != "event":
-            ctx.trace.append(f"owner is {state.owner.value}: the bot stays silent")
+        elif state.owner in (Owner.QUEUED, Owner.AGENT):
+            ctx.trace.append(f"owner is {state.owner.value}: the bot stays silent, the message goes to the human")
+            ctx.handoff.user_message(ctx)
             return
+        elif state.owner == Owner.RESOLVED:
+            ctx.transitions.append(Transition(Owner.RESOLVED, Owner.BOT, "user", "wrote again"))
+            state.owner = Owner.BOT
+            state.state = flow.start
         if message.type != "event":
             ctx.cancel_timers.append(TIMER_EXPECT)
         if ctx.first and "conversation.started" in flow.on:
@@ -135,6 +155,19 @@ class Engine:
             await self._count_miss(ctx)
         if state.entered == entered_before and message.type != "event":
             self._arm_state_timeout(ctx)
+
+    async def _after_give_back(self, ctx: TurnContext, event: str | None) -> None:
+        """After a human gave the conversation back: the flow's handler, then the resume state."""
+        resume, ctx.goto = ctx.goto, None
+        ctx.stopped = False
+        before = ctx.state.entered
+        handler = ctx.flow.on.get(event) if event else None
+        if handler is not None and ctx.state.owner == Owner.BOT and ctx.transitions:
+            ctx.trace.append(f"on {event}")
+            await self._run(handler, ctx)
+        if resume is not None and ctx.state.entered == before and not ctx.stopped:
+            ctx.goto = resume
+            await self._run((), ctx)
 
     async def _count_miss(self, ctx: TurnContext) -> None:
         state, fallback = ctx.state, ctx.flow.fallback

@@ -40,8 +40,9 @@ async def test_a_wrong_expectation_fails_with_a_diff(tmp_path: Path) -> None:
 
 
 def test_shipped_schema_files_are_current() -> None:
-    assert json.loads((REPO / "schema" / "flow.json").read_text()) == flow_schema()
-    assert json.loads((REPO / "schema" / "config.json").read_text()) == config_schema()
+    hint = "regenerate with: switchboard schema --out schema"
+    assert json.loads((REPO / "schema" / "flow.json").read_text()) == flow_schema(), hint
+    assert json.loads((REPO / "schema" / "config.json").read_text()) == config_schema(), hint
 
 
 def test_flow_schema_lists_what_the_loader_accepts() -> None:
