@@ -20,6 +20,8 @@ from starlette.routing import Route
 from connectors import connector_class
 from middleware.dispatch import Dispatcher
 from middleware.engine import Engine, Known, Resources, load_flows
+from middleware.handoff import HandoffMachine
+from middleware.helpdesk import HelpdeskWebhook
 from middleware.ingress import Ingress
 from middleware.metrics import Metrics
 from middleware.outbox import Outbox
@@ -56,9 +58,9 @@ def create_app(settings: Settings, *, http: httpx.AsyncClient | None = None) -> 
     Raises ConfigError if a flow is invalid: nothing is served with a broken flow.
     """
     metrics = Metrics()
-    known = Known(connectors=frozenset(settings.connectors))
+    known = Known(connectors=frozenset(settings.connectors), queues=frozenset(settings.handoff.queues))
     flows = load_flows(settings.flows, known)
-    resources = Resources(http_allow=settings.http_allow)
+    resources = Resources(http_allow=settings.http_allow, handoff=HandoffMachine(settings.handoff))
     engine = Engine(flows, resources)
     reloader = FlowReloader(engine, settings.flows, known)
 
@@ -74,7 +76,10 @@ def create_app(settings: Settings, *, http: httpx.AsyncClient | None = None) -> 
         platforms = {name: PLATFORM_TYPES[cfg.type](name, cfg, client) for name, cfg in settings.platforms.items()}
         node_id = settings.node_id or f"{socket.gethostname()}:{settings.server.port}"
         turns = TurnRunner(store, engine, settings, metrics)
-        outbox = Outbox(store, settings.outbox, metrics)
+        helpdesk = None
+        if settings.handoff.webhook_url:
+            helpdesk = HelpdeskWebhook(settings.handoff.webhook_url, settings.handoff.webhook_secret, client)
+        outbox = Outbox(store, settings.outbox, metrics, helpdesk)
         dispatcher = Dispatcher(store, turns, outbox, platforms, settings.dispatch, metrics, node_id)
         services = Services(
             settings, store, client, engine, platforms, metrics, dispatcher, turns, node_id, time.time()

@@ -122,7 +122,8 @@ def _check(paths: list[Path]) -> int:
             except ConfigError as exc:
                 problems += exc.problems
                 continue
-            problems += check_flows(settings.flows, Known(connectors=frozenset(settings.connectors)))
+            known = Known(connectors=frozenset(settings.connectors), queues=frozenset(settings.handoff.queues))
+            problems += check_flows(settings.flows, known)
             checked += 1 + len(flow_files(settings.flows))
         else:
             problems += check_flows(path)

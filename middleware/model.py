@@ -227,9 +227,17 @@ class Outgoing:
     typing: bool = False
     message_id: str | None = None
     handoff: Handoff | None = None
+    #: where the item goes when not to the conversation's platform ("helpdesk": the handoff webhook)
+    to: str | None = None
+    #: for the helpdesk: the conversation so far, [[role, text]]
+    transcript: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"kind": self.kind, "conversation_id": self.conversation_id}
+        if self.to is not None:
+            data["to"] = self.to
+        if self.transcript:
+            data["transcript"] = [list(t) for t in self.transcript]
         if self.reply is not None:
             data["reply"] = self.reply.to_json()
         if self.reply_to is not None:
@@ -258,6 +266,8 @@ class Outgoing:
             typing=bool(data.get("typing", False)),
             message_id=data.get("message_id"),
             handoff=Handoff(handoff["queue"], handoff.get("reason", ""), handoff.get("resume")) if handoff else None,
+            to=data.get("to"),
+            transcript=tuple((str(r), str(t)) for r, t in data.get("transcript", ())),
         )
 
 

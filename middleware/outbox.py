@@ -12,6 +12,7 @@ import logging
 import random
 import time
 
+from middleware.helpdesk import HelpdeskWebhook
 from middleware.metrics import Metrics
 from middleware.platforms.base import DeliveryError, Platform
 from middleware.settings import OutboxSettings
@@ -21,10 +22,13 @@ log = logging.getLogger("switchboard.outbox")
 
 
 class Outbox:
-    def __init__(self, store: Store, settings: OutboxSettings, metrics: Metrics) -> None:
+    def __init__(
+        self, store: Store, settings: OutboxSettings, metrics: Metrics, helpdesk: HelpdeskWebhook | None = None
+    ) -> None:
         self.store = store
         self.settings = settings
         self.metrics = metrics
+        self.helpdesk = helpdesk
 
     async def drain(self, key: str, platform: Platform) -> float | None:
         """Deliver the conversation's due rows in order.
@@ -45,7 +49,12 @@ class Outbox:
     async def _one(self, item: OutboxItem, platform: Platform) -> float | None:
         kind = item.item.kind
         try:
-            await platform.deliver(item.item, item.idempotency_key)
+            if item.platform == HelpdeskWebhook.row_platform:
+                if self.helpdesk is None:
+                    raise DeliveryError("no handoff.webhook_url configured for the helpdesk", retryable=False)
+                await self.helpdesk.send(item.conversation_key, item.item, item.idempotency_key)
+            else:
+                await platform.deliver(item.item, item.idempotency_key)
         except DeliveryError as exc:
             attempts = item.attempts + 1
             if not exc.retryable or attempts >= self.settings.max_attempts:

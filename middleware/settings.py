@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from connectors import ConnectorConfig, connector_class
+from middleware.handoff import HandoffSettings
 from middleware.platforms import PLATFORM_TYPES, PlatformConfig
 from middleware.yamlfile import (
     ConfigError,
@@ -97,6 +98,7 @@ class Settings(_Section):
     typing: TypingSettings = TypingSettings()
     outbox: OutboxSettings = OutboxSettings()
     admin: AdminSettings = AdminSettings()
+    handoff: HandoffSettings = HandoffSettings()
     node_id: str | None = None
     fallback_reply: str = "Sorry, something went wrong on our side. Please try again in a moment."
     #: where the config came from; relative paths were resolved against its folder

@@ -44,7 +44,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlmodel import Field, SQLModel
 
-from middleware.model import ConversationState, Inbound, Outgoing, Sender, Timer
+from middleware.model import ConversationState, Inbound, Outgoing, Sender, Timer, Transition
 
 log = logging.getLogger("switchboard.store")
 T = TypeVar("T")
@@ -81,6 +81,11 @@ class ConversationRow(SQLModel, table=True):
     lease_until: float = 0.0
     #: fencing token: bumped on every claim, checked on every write of a turn
     epoch: int = 0
+    #: copied from the state on every turn, so the inbox and the admin API can query by owner
+    owner: str = Field(default="bot", max_length=16, index=True)
+    queue: str | None = Field(default=None, max_length=128)
+    agent: str | None = Field(default=None, max_length=200)
+    owner_since: float = 0.0
     created_at: float
     updated_at: float
 
@@ -120,6 +125,20 @@ class TimerRow(SQLModel, table=True):
     created_at: float
 
 
+class OwnershipRow(SQLModel, table=True):
+    """Every change of a conversation's owner: who made it, when and why (the audit trail)."""
+
+    __tablename__ = "ownership"
+    __table_args__ = (Index("ix_ownership_conversation", "conversation_key", "id"),)
+    id: int | None = Field(default=None, primary_key=True)
+    conversation_key: str = Field(max_length=400)
+    before: str = Field(max_length=16)
+    after: str = Field(max_length=16)
+    actor: str = Field(max_length=200)
+    reason: str = Field(default="", max_length=500)
+    at: float
+
+
 class UserRow(SQLModel, table=True):
     """User-scope variables: kept per (platform, sender) across conversations."""
 
@@ -134,6 +153,7 @@ CONVERSATION = ConversationRow.__table__  # type: ignore[attr-defined]
 OUTBOX = OutboxRow.__table__  # type: ignore[attr-defined]
 TIMER = TimerRow.__table__  # type: ignore[attr-defined]
 USER = UserRow.__table__  # type: ignore[attr-defined]
+OWNERSHIP = OwnershipRow.__table__  # type: ignore[attr-defined]
 
 
 class StoreUnavailable(Exception):
@@ -383,6 +403,7 @@ class Store:
         timers: Sequence[Timer] = (),
         cancel_timers: Sequence[str] = (),
         user_vars: tuple[str, dict[str, Any]] | None = None,
+        transitions: Sequence[Transition] = (),
     ) -> None:
         """Write a turn atomically: the conversation's state, its messages handled, its outbox rows,
         its timers (cancelled by name, then new ones) and changed user-scope variables.
@@ -391,17 +412,27 @@ class Store:
         """
         now = time.time()
         c = CONVERSATION.c
+        handoff = state.handoff or {}
+        values: dict[str, Any] = {
+            "state": _dumps(state.to_json()),
+            "updated_at": now,
+            "owner": state.owner.value,
+            "queue": handoff.get("queue"),
+            "agent": handoff.get("agent"),
+        }
+        if transitions:
+            values["owner_since"] = now
         set_state = (
             update(CONVERSATION)
             .where(c.key == lease.key, c.lease_owner == lease.owner, c.epoch == lease.epoch)
-            .values(state=_dumps(state.to_json()), updated_at=now)
+            .values(**values)
         )
         done = update(INBOX).where(INBOX.c.id.in_(inbox_ids)).values(status="done", handled_at=now)
         platform = lease.key.split(":", 1)[0]
         rows = [
             {
                 "conversation_key": lease.key,
-                "platform": platform,
+                "platform": f"@{item.to}" if item.to else platform,
                 "body": _dumps(item.to_json()),
                 "idempotency_key": key,
                 "status": "pending",
@@ -428,6 +459,18 @@ class Store:
             for timer in timers
         ]
 
+        owner_rows = [
+            {
+                "conversation_key": lease.key,
+                "before": t.before.value,
+                "after": t.after.value,
+                "actor": t.actor[:200],
+                "reason": t.reason[:500],
+                "at": now,
+            }
+            for t in transitions
+        ]
+
         def op(conn: Connection) -> None:
             if conn.execute(set_state).rowcount != 1:
                 raise LeaseLost(lease.key)
@@ -441,6 +484,8 @@ class Store:
                 conn.execute(insert(TIMER), timer_rows)
             if user_vars is not None:
                 self._merge_user(conn, user_vars[0], user_vars[1], now)
+            if owner_rows:
+                conn.execute(insert(OWNERSHIP), owner_rows)
 
         await self.run(op)
 
@@ -654,6 +699,49 @@ class Store:
 
         return await self.run(op)
 
+    async def conversations(
+        self, owner: str | None = None, queue: str | None = None, limit: int = 200
+    ) -> list[dict[str, Any]]:
+        """Conversations by owner and queue, longest waiting first."""
+        c = CONVERSATION.c
+        stmt = select(c.key, c.platform, c.external_id, c.owner, c.queue, c.agent, c.owner_since, c.updated_at)
+        if owner is not None:
+            stmt = stmt.where(c.owner == owner)
+        if queue is not None:
+            stmt = stmt.where(c.queue == queue)
+        stmt = stmt.order_by(c.owner_since, c.key).limit(limit)
+
+        def op(conn: Connection) -> list[dict[str, Any]]:
+            return [dict(r._mapping) for r in conn.execute(stmt)]
+
+        return await self.run(op)
+
+    async def queue_counts(self) -> list[dict[str, Any]]:
+        """Per queue: conversations waiting, with an agent, and the oldest wait's start."""
+        c = CONVERSATION.c
+        stmt = (
+            select(c.queue, c.owner, func.count(), func.min(c.owner_since))
+            .where(c.owner.in_(("queued", "agent")))
+            .group_by(c.queue, c.owner)
+        )
+
+        def op(conn: Connection) -> list[dict[str, Any]]:
+            out: dict[str, dict[str, Any]] = {}
+            for name, owner, n, since in conn.execute(stmt):
+                row = out.setdefault(name or "default", {"queue": name or "default", "waiting": 0, "with_agent": 0})
+                if owner == "queued":
+                    row["waiting"] = int(n)
+                    row["oldest_waiting_since"] = since
+                else:
+                    row["with_agent"] = int(n)
+            return sorted(out.values(), key=lambda r: r["queue"])
+
+        return await self.run(op)
+
+    async def conversation_exists(self, key: str) -> bool:
+        stmt = select(CONVERSATION.c.key).where(CONVERSATION.c.key == key)
+        return await self.run(lambda conn: conn.execute(stmt).first() is not None)
+
     async def conversation(self, key: str) -> dict[str, Any] | None:
         c = CONVERSATION.c
 
@@ -671,9 +759,16 @@ class Store:
                 .where(OUTBOX.c.conversation_key == key)
                 .order_by(OUTBOX.c.id)
             ).all()
+            changes = conn.execute(
+                select(OWNERSHIP).where(OWNERSHIP.c.conversation_key == key).order_by(OWNERSHIP.c.id)
+            ).all()
             return {
                 "key": row.key,
                 "platform": row.platform,
+                "ownership": [
+                    {"before": o.before, "after": o.after, "actor": o.actor, "reason": o.reason, "at": o.at}
+                    for o in changes
+                ],
                 "conversation_id": row.external_id,
                 "state": json.loads(row.state) if row.state else None,
                 "lease": {"owner": row.lease_owner, "until": row.lease_until, "epoch": row.epoch},

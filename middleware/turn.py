@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from middleware.engine import Engine, FlowFailed
+from middleware.helpdesk import TARGET
 from middleware.metrics import Metrics
 from middleware.model import (
     ConversationState,
@@ -24,7 +25,6 @@ from middleware.model import (
     Outgoing,
     Owner,
     Reply,
-    Resolve,
     SetVariable,
     TurnResult,
 )
@@ -167,7 +167,7 @@ class TurnRunner:
         if typing_was_on:
             off = Outgoing("typing", message.conversation_id, typing=False, message_id=message.message_id)
             outgoing.append((off, key_of("typing-off")))
-        outgoing += self._platform_actions(platform, message, result, key_of)
+        outgoing += self._handoff_items(platform, message, result, key_of)
         user_changes = {
             a.name[5:]: a.value for a in result.actions if isinstance(a, SetVariable) and a.name.startswith("user.")
         }
@@ -182,6 +182,7 @@ class TurnRunner:
                 timers=result.timers,
                 cancel_timers=result.cancel_timers,
                 user_vars=(user_key, user_changes) if user_changes else None,
+                transitions=result.transitions,
             )
         except BaseException:
             if typing_was_on:
@@ -214,18 +215,36 @@ class TurnRunner:
             kept.turns += 1
         return TurnResult((Reply(text=self.settings.fallback_reply),), (), kept, (f"failed ({reason}): {exc}",))
 
-    def _platform_actions(
+    def _handoff_items(
         self, platform: Platform, message: Inbound, result: TurnResult, key_of: Callable[[int | str], str]
     ) -> list[tuple[Outgoing, str]]:
-        """Handoff and resolve, for platforms with their own agent tools (in the outbox, after the replies)."""
-        if not platform.supports_handoff:
+        """Where humans are told (in the outbox, after the replies): the platform's own agent tools,
+        or the helpdesk webhook; the built-in inbox reads the store and needs nothing sent."""
+        target = self.settings.handoff.target
+        to_platform = platform.supports_handoff and target in ("auto", "platform")
+        to_helpdesk = target == "webhook"
+        if not (to_platform or to_helpdesk):
             return []
+        conv = message.conversation_id
         out: list[tuple[Outgoing, str]] = []
+        transcript = tuple((str(r), str(t)) for r, t in result.state.history[-50:])
         for i, action in enumerate(result.actions):
             if isinstance(action, Handoff):
-                out.append((Outgoing("handoff", message.conversation_id, handoff=action), key_of(f"handoff-{i}")))
-            elif isinstance(action, Resolve):
-                out.append((Outgoing("release", message.conversation_id), key_of(f"release-{i}")))
+                if to_platform:
+                    out.append((Outgoing("handoff", conv, handoff=action), key_of(f"handoff-{i}")))
+                if to_helpdesk:
+                    item = Outgoing("handoff", conv, handoff=action, to=TARGET, transcript=transcript)
+                    out.append((item, key_of(f"helpdesk-handoff-{i}")))
+        for i, change in enumerate(result.transitions):
+            if change.after == Owner.BOT and change.before in (Owner.QUEUED, Owner.AGENT):
+                if to_platform:
+                    out.append((Outgoing("release", conv), key_of(f"release-{i}")))
+                if to_helpdesk:
+                    out.append((Outgoing("release", conv, to=TARGET), key_of(f"helpdesk-release-{i}")))
+        handed_off = result.state.owner in (Owner.QUEUED, Owner.AGENT)
+        if to_helpdesk and handed_off and message.type != "event" and not result.transitions:
+            item = Outgoing("message", conv, reply=Reply(message.text), reply_to=message.message_id, to=TARGET)
+            out.append((item, key_of("helpdesk-message")))
         return out
 
     async def _send_now(self, platform: Platform, item: Outgoing, key: str) -> None:
