@@ -229,3 +229,22 @@ def check_status(response: httpx.Response) -> None:
             retry_after=retry_after_seconds(response.headers.get("retry-after")),
         )
     raise DeliveryError(f"{status}: {detail}", retryable=False, status=status)
+
+
+def response_object(response: httpx.Response) -> dict[str, Any]:
+    """A platform API's JSON answer as a dict; {} when it is empty, not JSON, or not an object."""
+    try:
+        data = json.loads(response.content) if response.content else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def as_dict(value: Any) -> dict[str, Any]:
+    """`value` if it is a JSON object, else {} (for optional nested objects in webhooks)."""
+    return value if isinstance(value, dict) else {}
+
+
+def as_text(value: Any) -> str | None:
+    """`value` if it is a non-empty string, else None."""
+    return value if isinstance(value, str) and value else None

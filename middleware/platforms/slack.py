@@ -21,8 +21,11 @@ from middleware.platforms.base import (
     PlatformConfig,
     Rejected,
     WebhookRequest,
+    as_dict,
+    as_text,
     decode_json,
     json_bytes,
+    response_object,
     retry_after_seconds,
 )
 
@@ -142,7 +145,7 @@ class SlackPlatform(Platform):
             return None  # bots, ourselves included: no reply loops
         channel = _required(event, "channel", "event.")
         ts = _required(event, "ts", "event.")
-        text = _unescape(_str(event.get("text")) or "")
+        text = _unescape(as_text(event.get("text")) or "")
         if bot_user and text.startswith(f"<@{bot_user}>"):
             text = text[len(bot_user) + 3 :].lstrip()
         attachments = tuple(
@@ -179,30 +182,30 @@ class SlackPlatform(Platform):
             raise Rejected(400, "interactivity request without a JSON payload field", "payload") from exc
         if not isinstance(payload, dict) or payload.get("type") != "block_actions":
             return Parsed([], response="")  # shortcuts, modals and the rest are not messages
-        user = _dict(payload.get("user"))
-        container = _dict(payload.get("container"))
-        channel_obj = _dict(payload.get("channel"))
-        message = _dict(payload.get("message"))
+        user = as_dict(payload.get("user"))
+        container = as_dict(payload.get("container"))
+        channel_obj = as_dict(payload.get("channel"))
+        message = as_dict(payload.get("message"))
         channel = channel_obj.get("id") or container.get("channel_id")
         action = next(
             (a for a in payload.get("actions") or () if isinstance(a, dict) and a.get("type") == "button"), None
         )
         if action is None or not isinstance(channel, str) or not isinstance(user.get("id"), str):
             return Parsed([], response="")  # selects, date pickers, or a click outside a channel message
-        title = _dict(action.get("text")).get("text")
-        value = _str(action.get("value")) or ""
+        title = as_dict(action.get("text")).get("text")
+        value = as_text(action.get("value")) or ""
         thread_ts = message.get("thread_ts") or container.get("thread_ts")
         stamp = str(action.get("action_ts") or payload.get("trigger_id") or "")
         inbound = Inbound(
             platform=self.name,
             message_id=f"action:{channel}:{user['id']}:{stamp}",
             conversation_id=f"{channel}:{thread_ts}" if isinstance(thread_ts, str) and thread_ts else channel,
-            sender=Sender(str(user["id"]), _str(user.get("name"))),
+            sender=Sender(str(user["id"]), as_text(user.get("name"))),
             type="postback",
-            text=_str(title) or value,
+            text=as_text(title) or value,
             payload={"payload": value},
             timestamp=_timestamp(stamp),
-            channel=_str(_dict(payload.get("team")).get("id")),
+            channel=as_text(as_dict(payload.get("team")).get("id")),
         )
         return Parsed([inbound], response="")
 
@@ -232,7 +235,7 @@ class SlackPlatform(Platform):
         except httpx.HTTPError as exc:
             raise DeliveryError(f"{method}: connection error ({type(exc).__name__})", retryable=True) from exc
         status = response.status_code
-        data = _json_object(response)
+        data = response_object(response)
         error = str(data.get("error") or response.text[:200] or status)
         retry_after = retry_after_seconds(response.headers.get("retry-after"))
         if status == 429:
@@ -329,19 +332,3 @@ def _timestamp(ts: str) -> datetime | None:
         return datetime.fromtimestamp(float(ts), UTC)
     except (TypeError, ValueError, OverflowError):
         return None
-
-
-def _str(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
-def _json_object(response: httpx.Response) -> dict[str, Any]:
-    try:
-        data = json.loads(response.content) if response.content else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import re
 from datetime import UTC, datetime
@@ -20,8 +19,11 @@ from middleware.platforms.base import (
     PlatformConfig,
     Rejected,
     WebhookRequest,
+    as_dict,
+    as_text,
     decode_json,
     json_bytes,
+    response_object,
     retry_after_seconds,
 )
 
@@ -126,10 +128,10 @@ class TelegramPlatform(Platform):
             user = _sender(sender)
         elif isinstance(msg.get("sender_chat"), dict):
             sender_chat = msg["sender_chat"]
-            user = Sender(str(sender_chat.get("id")), _str(sender_chat.get("title")), {"chat": True})
+            user = Sender(str(sender_chat.get("id")), as_text(sender_chat.get("title")), {"chat": True})
         else:
             user = Sender(str(chat_id))
-        text = _str(msg.get("text")) or _str(msg.get("caption")) or ""
+        text = as_text(msg.get("text")) or as_text(msg.get("caption")) or ""
         mtype: MessageType = "text"
         attachments: list[Attachment] = []
         payload: dict[str, Any] = {}
@@ -154,7 +156,7 @@ class TelegramPlatform(Platform):
                 else "file"
             )
             attachments.append(
-                Attachment(kind, FILE_SCHEME + _file_id(item, f"{at}{media}."), _str(item.get("file_name")))
+                Attachment(kind, FILE_SCHEME + _file_id(item, f"{at}{media}."), as_text(item.get("file_name")))
             )
         elif isinstance(msg.get("location"), dict):
             mtype = "location"
@@ -163,7 +165,7 @@ class TelegramPlatform(Platform):
             venue = msg.get("venue")
             if isinstance(venue, dict):
                 payload.update({"name": venue.get("title"), "address": venue.get("address")})
-                text = text or _str(venue.get("title")) or ""
+                text = text or as_text(venue.get("title")) or ""
         elif not text:
             return None  # contacts, polls, dice, service messages (members joined, pinned...): nothing to answer
         return Inbound(
@@ -232,13 +234,13 @@ class TelegramPlatform(Platform):
             raise DeliveryError(f"{method}: timeout ({type(exc).__name__})", retryable=True) from exc
         except httpx.HTTPError as exc:
             raise DeliveryError(f"{method}: connection error ({type(exc).__name__})", retryable=True) from exc
-        data = _json_object(response)
+        data = response_object(response)
         status = response.status_code
         if status < 300 and data.get("ok", True) is not False:
             return
         # The bot token is part of the URL; keep it out of anything that is stored or logged.
         detail = str(data.get("description") or response.text[:200]).replace(self.config.token, "<token>")
-        params = _dict(data.get("parameters"))
+        params = as_dict(data.get("parameters"))
         if status == 429 or data.get("error_code") == 429:
             # 429s carry the wait in the body, `parameters.retry_after` (https://core.telegram.org/bots/api#responseparameters)
             hint = params.get("retry_after")
@@ -322,7 +324,7 @@ def _split(conversation_id: str) -> tuple[int | str, int | None]:
 
 
 def _sender(user: dict[str, Any]) -> Sender:
-    name = " ".join(n for n in (_str(user.get("first_name")), _str(user.get("last_name"))) if n) or None
+    name = " ".join(n for n in (as_text(user.get("first_name")), as_text(user.get("last_name"))) if n) or None
     attributes: dict[str, Any] = {k: user[k] for k in ("username", "language_code", "is_bot") if k in user}
     return Sender(str(user.get("id")), name, attributes)
 
@@ -352,19 +354,3 @@ def _file_id(item: Any, at: str) -> str:
     if not isinstance(file_id, str) or not file_id:
         raise Rejected(400, f"{at}file_id is required", f"{at}file_id")
     return file_id
-
-
-def _str(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
-def _json_object(response: httpx.Response) -> dict[str, Any]:
-    try:
-        data = json.loads(response.content) if response.content else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}

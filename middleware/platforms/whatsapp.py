@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -19,8 +18,11 @@ from middleware.platforms.base import (
     PlatformConfig,
     Rejected,
     WebhookRequest,
+    as_dict,
+    as_text,
     decode_json,
     json_bytes,
+    response_object,
     retry_after_seconds,
     signature_matches,
 )
@@ -137,11 +139,11 @@ class WhatsAppPlatform(Platform):
         return Parsed([], response=challenge)
 
     def _value(self, value: dict[str, Any], at: str) -> list[Inbound]:
-        metadata = _dict(value.get("metadata"))
+        metadata = as_dict(value.get("metadata"))
         phone_number_id = str(metadata.get("phone_number_id") or self.config.phone_number_id)
         for status in value.get("statuses") or ():
             if isinstance(status, dict) and status.get("status") == "failed":
-                for error in [_dict(e) for e in status.get("errors") or [{}]]:
+                for error in [as_dict(e) for e in status.get("errors") or [{}]]:
                     log.warning(
                         "whatsapp message failed",
                         extra={
@@ -149,7 +151,7 @@ class WhatsAppPlatform(Platform):
                             "wamid": status.get("id"),
                             "code": error.get("code"),
                             "error": error.get("title") or error.get("message"),
-                            "details": _dict(error.get("error_data")).get("details"),
+                            "details": as_dict(error.get("error_data")).get("details"),
                         },
                     )
         for error in value.get("errors") or ():
@@ -180,8 +182,8 @@ class WhatsAppPlatform(Platform):
             raise Rejected(400, f"{at}id is required", f"{at}id")
         if msg.get("group_id"):
             return None  # group chats are not supported: a reply would go to the sender alone
-        phone = _str(msg.get("from"))
-        bsuid = _str(msg.get("from_user_id"))
+        phone = as_text(msg.get("from"))
+        bsuid = as_text(msg.get("from_user_id"))
         # With WhatsApp usernames the phone number may be withheld; the business-scoped user id
         # (BSUID) then identifies the user and replies go to it ("recipient" instead of "to").
         user = phone or bsuid
@@ -191,41 +193,49 @@ class WhatsAppPlatform(Platform):
             (c for c in contacts if (phone and c.get("wa_id") == phone) or (bsuid and c.get("user_id") == bsuid)),
             contacts[0] if len(contacts) == 1 else {},
         )
-        profile = _dict(contact.get("profile"))
+        profile = as_dict(contact.get("profile"))
         attributes = {
             k: v for k, v in (("wa_id", phone), ("user_id", bsuid), ("username", profile.get("username"))) if v
         }
-        sender = Sender(user, _str(profile.get("name")), attributes)
+        sender = Sender(user, as_text(profile.get("name")), attributes)
         mtype: MessageType = "text"
         text = ""
         payload: dict[str, Any] = {}
         attachments: tuple[Attachment, ...] = ()
         kind = msg.get("type")
-        body = _dict(msg.get(kind)) if isinstance(kind, str) else {}
+        body = as_dict(msg.get(kind)) if isinstance(kind, str) else {}
         if kind == "text":
-            text = _str(body.get("body")) or ""
+            text = as_text(body.get("body")) or ""
         elif kind == "interactive":
             reply_kind = body.get("type")
             choice = body.get(reply_kind) if isinstance(reply_kind, str) else None
             if reply_kind not in ("button_reply", "list_reply") or not isinstance(choice, dict):
                 return None  # flows (nfm_reply) and product replies are not postbacks
-            mtype, text, payload = "postback", _str(choice.get("title")) or "", {"payload": str(choice.get("id", ""))}
+            mtype, text, payload = (
+                "postback",
+                as_text(choice.get("title")) or "",
+                {"payload": str(choice.get("id", ""))},
+            )
             if choice.get("description"):
                 payload["description"] = choice["description"]
         elif kind == "button":  # a template's quick-reply button
-            mtype, text, payload = "postback", _str(body.get("text")) or "", {"payload": str(body.get("payload", ""))}
+            mtype, text, payload = (
+                "postback",
+                as_text(body.get("text")) or "",
+                {"payload": str(body.get("payload", ""))},
+            )
         elif kind in _MEDIA or kind in _FILES:
-            media_id = _str(body.get("id"))
+            media_id = as_text(body.get("id"))
             if media_id is None:
                 raise Rejected(400, f"{at}{kind}.id is required", f"{at}{kind}.id")
             mtype = "image" if kind in _MEDIA else "file"
             attachment_type = "image" if kind in _MEDIA else "file" if kind == "document" else str(kind)
-            attachments = (Attachment(attachment_type, MEDIA_SCHEME + media_id, _str(body.get("filename"))),)
-            text = _str(body.get("caption")) or ""
+            attachments = (Attachment(attachment_type, MEDIA_SCHEME + media_id, as_text(body.get("filename"))),)
+            text = as_text(body.get("caption")) or ""
         elif kind == "location":
             mtype = "location"
             payload = {k: body[k] for k in ("latitude", "longitude", "name", "address", "url") if k in body}
-            text = _str(body.get("name")) or ""
+            text = as_text(body.get("name")) or ""
         elif kind == "request_welcome":  # the user opened the chat for the first time
             mtype, payload = "event", {"event": EVENT_CONVERSATION_STARTED}
         else:
@@ -279,9 +289,9 @@ class WhatsAppPlatform(Platform):
         status = response.status_code
         if status < 300:
             return
-        error = _dict(_json_object(response).get("error"))
+        error = as_dict(response_object(response).get("error"))
         code = error.get("code")
-        details = _dict(error.get("error_data")).get("details")
+        details = as_dict(error.get("error_data")).get("details")
         detail = " ".join(str(x) for x in (error.get("message") or response.text[:200], details) if x)
         retry_after = retry_after_seconds(response.headers.get("retry-after"))
         if code == OUTSIDE_WINDOW:
@@ -346,19 +356,3 @@ def _timestamp(value: Any) -> datetime | None:
     if isinstance(value, str) and value.isdigit():
         return datetime.fromtimestamp(int(value), UTC)
     return None
-
-
-def _str(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
-def _json_object(response: httpx.Response) -> dict[str, Any]:
-    try:
-        data = json.loads(response.content) if response.content else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
