@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import sys
 from pathlib import Path
 
@@ -92,16 +93,22 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
-    uvicorn.run(
+    # Bind before the lifespan starts: a second `serve` on a port in use must not start working
+    # (claiming leases as this node) before it finds out it cannot listen.
+    try:
+        sock = socket.create_server((server.host, server.port), reuse_port=False)
+    except OSError as exc:
+        print(f"cannot listen on {server.host}:{server.port}: {exc.strerror}", file=sys.stderr)
+        return 1
+    config = uvicorn.Config(
         app,
-        host=server.host,
-        port=server.port,
         log_config=None,
         access_log=False,
         loop="uvloop",
         http="httptools",
         timeout_graceful_shutdown=15,
     )
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
 
 

@@ -7,7 +7,12 @@ import logging
 import sys
 import time
 
-_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",  # uvicorn's ANSI-coloured copy of the message
+}
 _SECRET_WORDS = ("secret", "token", "password", "authorization", "api_key")
 
 
