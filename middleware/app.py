@@ -18,12 +18,19 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from connectors import connector_class
+from connectors.rasa_actions import webhook as rasa_action_webhook
+from middleware.cluster import join
 from middleware.dispatch import Dispatcher
 from middleware.engine import Engine, Known, Resources, load_flows
+from middleware.flood import SenderLimiter
 from middleware.handoff import HandoffMachine
 from middleware.helpdesk import HelpdeskWebhook
+from middleware.hub import LocalHub
+from middleware.hub_cluster import ClusterHub
 from middleware.ingress import Ingress
-from middleware.metrics import Metrics
+from middleware.logs import add_secrets, secret_values
+from middleware.metrics import Metrics, observe_connectors
+from middleware.notify import Bus, LocalBus, PostgresBus
 from middleware.outbox import Outbox
 from middleware.platforms import PLATFORM_TYPES
 from middleware.reload import FlowReloader
@@ -33,6 +40,7 @@ from middleware.settings import Settings
 from middleware.store import Store, StoreUnavailable
 from middleware.turn import TurnRunner
 from middleware.web.api import AdminApi
+from middleware.web.ui import attach_ui, ui_routes
 
 log = logging.getLogger("switchboard")
 
@@ -52,15 +60,27 @@ def make_http_client(settings: Settings) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(settings.outbox.timeout))
 
 
+def make_bus(store: Store) -> Bus:
+    """The notify bus between nodes: LISTEN/NOTIFY on PostgreSQL, in-process on SQLite."""
+    if store.dialect == "postgresql":
+        return PostgresBus(store.url, store.notify)
+    return LocalBus(scope=store.url)
+
+
 def create_app(settings: Settings, *, http: httpx.AsyncClient | None = None) -> Starlette:
     """Build the ASGI app; nothing is opened until its lifespan starts.
 
     Raises ConfigError if a flow is invalid: nothing is served with a broken flow.
     """
+    # every secret of the config is scrubbed from every log line from here on (middleware/logs.py)
+    add_secrets(secret_values(settings.model_dump(mode="json", exclude={"platforms", "connectors"})))
+    for part in (*settings.platforms.values(), *settings.connectors.values()):
+        add_secrets(secret_values(part.model_dump(mode="json")))
     metrics = Metrics()
     known = Known(connectors=frozenset(settings.connectors), queues=frozenset(settings.handoff.queues))
     flows = load_flows(settings.flows, known)
     resources = Resources(http_allow=settings.http_allow, handoff=HandoffMachine(settings.handoff))
+    observe_connectors(metrics, lambda: resources.connectors)
     engine = Engine(flows, resources)
     reloader = FlowReloader(engine, settings.flows, known)
 
@@ -74,20 +94,41 @@ def create_app(settings: Settings, *, http: httpx.AsyncClient | None = None) -> 
         store = Store(settings.store.url, batch_max=settings.store.batch_max)
         await store.start()
         platforms = {name: PLATFORM_TYPES[cfg.type](name, cfg, client) for name, cfg in settings.platforms.items()}
-        node_id = settings.node_id or f"{socket.gethostname()}:{settings.server.port}"
+        # unique per live process (middleware/cluster.py); a restart under the same id resumes at once
+        node = await join(
+            store,
+            settings.node_id or f"{socket.gethostname()}:{settings.server.port}",
+            configured=settings.node_id is not None,
+            lease_seconds=settings.dispatch.lease_seconds,
+        )
+        node_id = node.node_id
+        bus = make_bus(store)
         turns = TurnRunner(store, engine, settings, metrics)
         helpdesk = None
         if settings.handoff.webhook_url:
             helpdesk = HelpdeskWebhook(settings.handoff.webhook_url, settings.handoff.webhook_secret, client)
         outbox = Outbox(store, settings.outbox, metrics, helpdesk)
-        dispatcher = Dispatcher(store, turns, outbox, platforms, settings.dispatch, metrics, node_id)
+        dispatcher = Dispatcher(
+            store, turns, outbox, platforms, settings.dispatch, metrics, node_id, node=node, bus=bus
+        )
         services = Services(
-            settings, store, client, engine, platforms, metrics, dispatcher, turns, node_id, time.time()
+            settings, store, client, engine, platforms, metrics, dispatcher, turns, node_id, time.time(), bus=bus
         )
         app.state.services = services
+        # live events for the playground and the inbox, to the pages of every node
+        hub = attach_ui(app, services, ClusterHub(LocalHub(), bus))
+        reloader.attach(bus)  # a reload on one node reloads the others
+        await reloader.start()
+        await bus.start()  # after every subscription: its first connection listens to them all
         app.state.reloader = reloader
         ingress = Ingress(
-            platforms, store, dispatcher, metrics, settings.server.max_body_bytes, settings.dispatch.retry_after_seconds
+            platforms,
+            store,
+            dispatcher,
+            metrics,
+            settings.server.max_body_bytes,
+            settings.dispatch.retry_after_seconds,
+            SenderLimiter(settings.ingress.sender_per_second, settings.ingress.sender_burst),
         )
         app.state.ingress = ingress
         await dispatcher.resync_backlog()
@@ -101,6 +142,13 @@ def create_app(settings: Settings, *, http: httpx.AsyncClient | None = None) -> 
         )
         scheduler.start()
         watcher = asyncio.create_task(reloader.watch()) if settings.reload else None
+
+        async def drain() -> None:
+            """Graceful shutdown's first part (SIGTERM, middleware/cli.py; or the lifespan's end):
+            503 to webhooks, turns in flight finished or handed to other nodes, leases handed back."""
+            await dispatcher.drain(settings.dispatch.shutdown_seconds)
+
+        app.state.drain = drain
         log.info(
             "switchboard ready", extra={"node": node_id, "flows": sorted(engine.flows), "platforms": sorted(platforms)}
         )
@@ -111,11 +159,18 @@ def create_app(settings: Settings, *, http: httpx.AsyncClient | None = None) -> 
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
-            scheduler.shutdown(wait=False)
-            await dispatcher.close()
+            await dispatcher.close(settings.dispatch.shutdown_seconds)
+            await scheduler.stop()
             await turns.close()
             for platform in platforms.values():
                 await platform.aclose()
+            hub.close()
+            await reloader.close()
+            with contextlib.suppress(StoreUnavailable):
+                if not dispatcher.superseded:
+                    await store.expire_leases(node.owner)
+                    await store.node_heartbeat(node.node_id, node.incarnation, state="down")
+            await bus.close()
             await store.close()
             for connector in resources.connectors.values():
                 await connector.close()
@@ -131,7 +186,13 @@ def create_app(settings: Settings, *, http: httpx.AsyncClient | None = None) -> 
 
     async def readyz(request: Request) -> Response:
         s: Services = request.app.state.services
-        checks: dict[str, Any] = {"flows": sorted(s.engine.flows), "accepting": s.dispatcher.accepting}
+        checks: dict[str, Any] = {
+            "flows": sorted(s.engine.flows),
+            "accepting": s.dispatcher.accepting,
+            "node": s.node_id,
+            # signals between nodes (not needed for readiness: the sweep covers for them)
+            "bus": "ok" if s.bus is None or s.bus.connected else "reconnecting",
+        }
         try:
             await s.store.ping()
             checks["store"] = "ok"
@@ -155,6 +216,8 @@ def create_app(settings: Settings, *, http: httpx.AsyncClient | None = None) -> 
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/rasa/webhook", rasa_action_webhook, methods=["POST"]),
         *admin.routes(),
+        *ui_routes(settings),  # the playground at /, the agent inbox at /inbox, /static
     ]
     return Starlette(routes=routes, lifespan=lifespan)

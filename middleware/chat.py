@@ -7,12 +7,14 @@ replies come back through the console platform. The store is a throwaway SQLite 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sys
 import tempfile
 from pathlib import Path
 
 from middleware.app import create_app
+from middleware.engine.flow import Match
 from middleware.model import TurnResult
 from middleware.platforms.console import ConsoleConfig, ConsolePlatform
 from middleware.services import Services
@@ -70,11 +72,16 @@ async def run_chat(
                         f"no flow named {flow!r}; loaded: {', '.join(sorted(services.engine.flows))}", file=sys.stderr
                     )
                     return 1
-                services.engine.swap({flow: services.engine.flows[flow]})
+                # first, and whatever its `match:` names (the console is rarely among them); the other
+                # flows stay loaded for its `call`s
+                chosen = dataclasses.replace(services.engine.flows[flow], match=Match())
+                others = {k: v for k, v in services.engine.flows.items() if k != flow}
+                services.engine.swap({flow: chosen, **others})
             traces: list[tuple[TurnResult, float]] = []
             if trace:
                 services.turns.observers.append(lambda _m, result, seconds: traces.append((result, seconds)))
-            print(f"Talking to flows {', '.join(sorted(services.engine.flows))}. Ctrl-D or /quit to leave.")
+            names = flow or ", ".join(sorted(services.engine.flows))
+            print(f"Talking to {'flow' if flow else 'flows'} {names}. Ctrl-D or /quit to leave.")
             while True:
                 text = await (lines.get() if lines is not None else _read_line())
                 if text is None or text.strip() == "/quit":

@@ -1,4 +1,4 @@
-"""The `switchboard` command: serve, check, chat."""
+"""The `switchboard` command: serve, check, chat, test, graph, schema, agent."""
 
 from __future__ import annotations
 
@@ -47,7 +47,21 @@ def main(argv: list[str] | None = None) -> int:
     schema = sub.add_parser("schema", help="JSON Schema of flows and config, for editors")
     schema.add_argument("--out", type=Path, help="write flow.json and config.json into this folder")
 
+    agent = sub.add_parser("agent", help="accounts of the built-in agent inbox (/inbox)")
+    agent_sub = agent.add_subparsers(dest="agent_command", required=True)
+    agent_add = agent_sub.add_parser("add", help="add an agent (asks for the password twice)")
+    agent_add.add_argument("name")
+    agent_add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    agent_add.add_argument("--replace", action="store_true", help="set a new password if the agent exists")
+    agent_list = agent_sub.add_parser("list", help="list the agents")
+    agent_remove = agent_sub.add_parser("remove", help="remove an agent and end its sessions")
+    agent_remove.add_argument("name")
+    for p in (agent_add, agent_list, agent_remove):
+        p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+
     args = parser.parse_args(argv)
+    if args.command == "agent":
+        return asyncio.run(_agent(args))
     if args.command == "serve":
         return _serve(args)
     if args.command == "check":
@@ -77,6 +91,7 @@ def _serve(args: argparse.Namespace) -> int:
     from middleware import logs
     from middleware.app import create_app
     from middleware.settings import load_settings
+    from middleware.shutdown import CONNECTIONS_SECONDS, GracefulServer
 
     logs.configure(args.log_level, args.log_json)
     try:
@@ -106,9 +121,10 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=False,
         loop="uvloop",
         http="httptools",
-        timeout_graceful_shutdown=15,
+        timeout_graceful_shutdown=CONNECTIONS_SECONDS,
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    # SIGTERM drains first (503s, turns finished or handed to other nodes): middleware/shutdown.py
+    GracefulServer(config, app).run(sockets=[sock])
     return 0
 
 
@@ -209,6 +225,61 @@ async def _test(paths: list[Path], flows: Path | None) -> int:
         + (f", {len(outcome.problems)} problems" if outcome.problems else "")
     )
     return 1 if failed else 0
+
+
+async def _agent(args: argparse.Namespace) -> int:
+    import getpass
+
+    from middleware.agents import AccountError, add_agent, check_name, check_password
+    from middleware.settings import load_settings
+    from middleware.store import Store, StoreUnavailable
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    password = ""
+    if args.agent_command == "add":
+        try:
+            check_name(args.name)
+            if args.password_stdin:
+                password = (await asyncio.to_thread(sys.stdin.readline)).rstrip("\r\n")
+            else:
+                password = await asyncio.to_thread(getpass.getpass, f"password for {args.name}: ")
+                again = await asyncio.to_thread(getpass.getpass, "again: ")
+                if again != password:
+                    print("the passwords differ", file=sys.stderr)
+                    return 1
+            check_password(password)
+        except AccountError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 1
+    store = Store(settings.store.url, batch_max=settings.store.batch_max)
+    try:
+        await store.start()
+        if args.agent_command == "add":
+            if not await add_agent(store, args.name, password, replace=args.replace):
+                print(f"agent {args.name!r} exists; --replace sets a new password", file=sys.stderr)
+                return 1
+            print(f"agent {args.name!r} {'updated' if args.replace else 'added'}", file=sys.stderr)
+        elif args.agent_command == "list":
+            for row in await store.agents():
+                print(row["name"])
+        elif not await store.remove_agent(args.name):
+            print(f"no agent {args.name!r}", file=sys.stderr)
+            return 1
+        else:
+            print(f"agent {args.name!r} removed", file=sys.stderr)
+    except StoreUnavailable as exc:
+        print(f"store unavailable: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await store.close()
+    return 0
 
 
 async def _chat(args: argparse.Namespace) -> int:

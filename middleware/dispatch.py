@@ -5,6 +5,19 @@ a webhook in claims the conversation at once (`notify`) and, holding the lease, 
 pending messages' turns oldest first and delivers the outbox after each. When nothing is
 left it releases the lease. A sweep (`resume`, run by the scheduler) picks up conversations
 whose work was left pending: by a crash, a store outage, or a delivery waiting to retry.
+
+Across nodes (middleware/notify.py):
+- a node whose claim fails because another node holds the lease signals `wake` with the key;
+  the holder, if it is idle on that conversation (waiting to retry a delivery) or running a turn a
+  newer message may cancel, works on it at once instead of at its next wake-up;
+- a node shutting down (`drain`) hands its leases back and signals `free`: any node claims them now.
+Signals can be lost (the listener reconnecting); the sweep then finds the same work within
+`dispatch.sweep_seconds`, including messages waiting behind a lease held here for a retry.
+
+Deliveries are fenced like turns: before each platform call the outbox asks `fence(key)`, which
+renews the lease in the store when less than a send's time is left, and raises LeaseLost if the
+lease moved; the send itself is cut off before the lease could run out. A node stalled past its
+lease (a long pause, a partition) therefore never sends what its successor now owns.
 """
 
 from __future__ import annotations
@@ -17,8 +30,10 @@ import logging
 import time
 from collections.abc import Mapping
 
+from middleware.cluster import Node
 from middleware.metrics import Metrics
 from middleware.model import ConversationState
+from middleware.notify import Bus, Signal
 from middleware.outbox import Outbox
 from middleware.platforms.base import Platform
 from middleware.settings import DispatchSettings
@@ -26,6 +41,10 @@ from middleware.store import Lease, LeaseLost, PendingMessage, Store, StoreUnava
 from middleware.turn import TurnRunner
 
 log = logging.getLogger("switchboard.dispatch")
+
+#: signal channels (middleware/notify.py)
+WAKE = "wake"
+FREE = "free"
 
 
 class Dispatcher:
@@ -38,6 +57,9 @@ class Dispatcher:
         settings: DispatchSettings,
         metrics: Metrics,
         node_id: str,
+        *,
+        node: Node | None = None,
+        bus: Bus | None = None,
     ) -> None:
         self.store = store
         self.turns = turns
@@ -46,17 +68,35 @@ class Dispatcher:
         self.settings = settings
         self.metrics = metrics
         self.node_id = node_id
+        self.node = node
+        #: the lease owner written on conversations: unique per process (middleware/cluster.py)
+        self.owner = node.owner if node is not None else node_id
+        self.bus = bus
         self.backlog = 0
         self.accepting = True
+        #: shutting down (or superseded): no new work starts here; leases go back as turns end
+        self.draining = False
+        self.superseded = False
         self._slots = asyncio.Semaphore(settings.max_concurrency)
         self._active: set[str] = set()
         self._again: set[str] = set()
         self._wakeups: dict[str, asyncio.TimerHandle] = {}
         self._held: dict[str, Lease] = {}
+        #: per held lease, the monotonic instant before which it is sure to be ours
+        self._until: dict[str, float] = {}
+        #: conversations notified for new work: if another node holds them, it is told (`wake`)
+        self._fresh: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         #: conversations whose running turn a newer message may cancel
         self._interrupts: dict[str, asyncio.Event] = {}
+        self._drained: asyncio.Task[dict[str, float]] | None = None
+        self._background: set[asyncio.Task[object]] = set()
+        self.stats = {"woken": 0, "wakes_sent": 0, "handed_back": 0, "taken_free": 0}
+        if bus is not None:
+            bus.subscribe(WAKE, self._on_wake)
+            bus.subscribe(FREE, self._on_free)
+            bus.on_reconnect(self._on_reconnect)
 
     @property
     def overloaded(self) -> bool:
@@ -66,17 +106,26 @@ class Dispatcher:
         self.backlog += n
         self.metrics.backlog.set(self.backlog)
 
-    def notify(self, key: str) -> None:
-        """Work on this conversation now (or right after the turn running for it)."""
+    def notify(self, key: str, *, fresh: bool = True) -> None:
+        """Work on this conversation now (or right after the turn running for it).
+
+        `fresh`: there is new work (a message, an event) rather than a sweep's guess; if another
+        node holds the conversation, it is told."""
         if key in self._active:
             self._again.add(key)
             interrupt = self._interrupts.get(key)
             if interrupt is not None:
                 interrupt.set()
             return
+        if self.draining:
+            if fresh:  # another node takes it now rather than at its next sweep
+                self._signal(FREE, key)
+            return
         handle = self._wakeups.pop(key, None)
         if handle is not None:
             handle.cancel()
+        if fresh:
+            self._fresh.add(key)
         self._active.add(key)
         self.metrics.active.set(len(self._active))
         task = asyncio.create_task(self._actor(key), name=f"conversation {key}")
@@ -85,6 +134,9 @@ class Dispatcher:
 
     def is_busy(self, key: str) -> bool:
         return key in self._active or key in self._wakeups
+
+    def holds(self, key: str) -> bool:
+        return key in self._held
 
     async def settled(self, key: str) -> None:
         """Wait until nothing runs or waits for this conversation on this node."""
@@ -105,13 +157,16 @@ class Dispatcher:
             while True:
                 async with self._slots:
                     await self._work(key)
-                if key not in self._again:
+                if key not in self._again or self.draining:
                     return
                 self._again.discard(key)
         except Exception:
             log.exception("conversation worker crashed", extra={"conversation": key})
-            self._wake_later(key, 1.0)
+            if not self.draining:
+                self._wake_later(key, 1.0)
         finally:
+            self._again.discard(key)
+            self._fresh.discard(key)
             self._active.discard(key)
             self.metrics.active.set(len(self._active))
             self._settle(key)
@@ -122,24 +177,41 @@ class Dispatcher:
         if platform is None:
             log.error("pending work for a platform not in the config", extra={"conversation": key})
             return
+        if self.draining:
+            return
         try:
-            lease = await self.store.claim(key, platform_name, external_id, self.node_id, self.settings.lease_seconds)
-            if lease is None:
-                return  # another node holds it and will see the work
+            asked = time.monotonic()
+            lease = await self.store.claim(key, platform_name, external_id, self.owner, self.settings.lease_seconds)
+            if lease is None:  # another node holds it: it sees the work, and is told if it is idle
+                if key in self._fresh:
+                    self._fresh.discard(key)
+                    self.stats["wakes_sent"] += 1
+                    self._signal(WAKE, key)
+                return
+            self._fresh.discard(key)
             self._held[key] = lease
+            self._until[key] = asked + self.settings.lease_seconds
             await self._run_claimed(lease, platform)
         except LeaseLost:
-            self._held.pop(key, None)
-            log.warning("lease lost mid-turn; the new holder redoes the turn", extra={"conversation": key})
-        except StoreUnavailable as exc:
-            log.warning("store unavailable, retrying soon: %s", exc, extra={"conversation": key})
-            self._wake_later(key, 1.0)
+            self._forget(key)
+            log.warning(
+                "lease lost (it expired or moved): the node holding it now redoes what was not stored or sent",
+                extra={"conversation": key},
+            )
+        except StoreUnavailable as exc:  # the store logs the outage (once every few seconds)
+            log.debug("store unavailable, retrying soon: %s", exc, extra={"conversation": key})
+            if not self.draining:
+                self._wake_later(key, 1.0)
 
     async def _run_claimed(self, lease: Lease, platform: Platform) -> None:
         key = lease.key
         state = lease.state
+
+        async def fence() -> float:
+            return await self._fence(key)
+
         while True:
-            messages = await self.store.pending_messages(key)
+            messages = [] if self.draining else await self.store.pending_messages(key)
             while messages:
                 batch, messages = await self._next_batch(key, messages, state)
                 new_state = await self._turn(lease, platform, batch, state)
@@ -149,19 +221,59 @@ class Dispatcher:
                 state = new_state
                 lease = dataclasses.replace(lease, state=state)
                 self.backlog = max(0, self.backlog - len(batch))
-                retry_at = await self.outbox.drain(key, platform)
+                retry_at = await self.outbox.drain(key, platform, fence)
                 if retry_at is not None:
                     self._wake_at(key, retry_at)
+                if self.draining:
+                    break  # the turn in flight is done; what is left goes to another node
                 if not messages:
                     messages = await self.store.pending_messages(key)
             self.metrics.backlog.set(self.backlog)
-            retry_at = await self.outbox.drain(key, platform)
+            retry_at = await self.outbox.drain(key, platform, fence)
+            if self.draining:
+                if retry_at is None and await self.store.release(lease):
+                    self._forget(key)
+                else:
+                    await self._hand_back(lease)
+                return
             if retry_at is not None:
                 self._wake_at(key, retry_at)
                 return  # keep the lease: our outbox is waiting to retry
             if await self.store.release(lease):
-                self._held.pop(key, None)
+                self._forget(key)
                 return
+
+    async def _fence(self, key: str) -> float:
+        """Seconds the lease on `key` is sure to stay ours (renewed first if a send could outlast
+        it); LeaseLost if it is not ours any more."""
+        if key not in self._held:
+            raise LeaseLost(key)
+        need = min(self.outbox.settings.timeout + 1.0, self.settings.lease_seconds / 2)
+        left = self._until.get(key, 0.0) - time.monotonic()
+        if left > need:
+            return left
+        asked = time.monotonic()
+        ours = await self.store.renew([key], self.owner, self.settings.lease_seconds)
+        if key not in ours:
+            self._forget(key)
+            log.warning("lease lost before a delivery; the new holder delivers", extra={"conversation": key})
+            raise LeaseLost(key)
+        self._until[key] = asked + self.settings.lease_seconds
+        return self._until[key] - time.monotonic()
+
+    def _forget(self, key: str) -> None:
+        self._held.pop(key, None)
+        self._until.pop(key, None)
+
+    async def _hand_back(self, lease: Lease) -> None:
+        """Give a lease up with its work pending, and tell the other nodes to take it now."""
+        self._forget(lease.key)
+        try:
+            if await self.store.hand_back(lease):
+                self.stats["handed_back"] += 1
+                self._signal(FREE, lease.key)
+        except StoreUnavailable as exc:
+            log.warning("lease not handed back (it expires by itself): %s", exc, extra={"conversation": lease.key})
 
     async def _next_batch(
         self, key: str, messages: list[PendingMessage], state: ConversationState
@@ -201,41 +313,156 @@ class Dispatcher:
 
     def _wake(self, key: str) -> None:
         self._wakeups.pop(key, None)
-        self.notify(key)
+        self.notify(key, fresh=False)
+
+    # -- signals from other nodes ------------------------------------------------------------
+
+    def _signal(self, channel: str, key: str) -> None:
+        if self.bus is None:
+            return
+        task: asyncio.Task[object] = asyncio.create_task(self.bus.publish(channel, key))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _on_wake(self, signal: Signal) -> None:
+        """Another node has new work for a conversation it could not claim: ours, if we hold it."""
+        if self.bus is not None and signal.mine(self.bus):
+            return
+        key = signal.payload
+        if (key in self._held and key not in self._active) or key in self._interrupts:
+            self.stats["woken"] += 1
+            self.notify(key, fresh=False)
+
+    def _on_free(self, signal: Signal) -> None:
+        """A node shutting down handed a conversation back with work pending: take it."""
+        if self.bus is not None and signal.mine(self.bus):
+            return
+        if self.accepting and not self.draining and not self.is_busy(signal.payload):
+            self.stats["taken_free"] += 1
+            self.notify(signal.payload, fresh=False)
+
+    def _on_reconnect(self) -> None:
+        """Signals may have been missed while the bus reconnected: look for work now."""
+        task: asyncio.Task[object] = asyncio.create_task(self._sweep_quietly())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _sweep_quietly(self) -> None:
+        with contextlib.suppress(StoreUnavailable):
+            await self.resume()
+
+    # -- the sweep, lease renewal, backlog -----------------------------------------------------
 
     async def resume(self) -> int:
-        """Pick up every conversation with work left and no live lease elsewhere; returns how many."""
-        keys = await self.store.work_to_resume(self.node_id)
+        """Pick up every conversation with work left and no live lease elsewhere; returns how many.
+
+        A conversation whose lease this node keeps while a delivery waits to retry is started
+        too when a message waits in it (a `wake` signal from the node that took it in was lost)."""
+        if self.draining:
+            return 0
+        keys = await self.store.work_to_resume(self.owner)
         started = 0
+        waiting = []
         for key in keys:
             if not self.is_busy(key):
-                self.notify(key)
+                self.notify(key, fresh=False)
                 started += 1
+            elif key in self._wakeups and key not in self._active:
+                waiting.append(key)
+        if waiting:
+            for key in await self.store.with_pending_messages(waiting):
+                if key in self._wakeups and not self.draining:
+                    self.notify(key, fresh=False)
+                    started += 1
         return started
 
     async def renew_leases(self) -> None:
+        node = self.node
+        if (
+            node is not None
+            and not self.superseded
+            and not await self.store.node_heartbeat(node.node_id, node.incarnation)
+        ):
+            self._supersede()
+            return
         keys = list(self._held)
         if not keys:
             return
-        ours = await self.store.renew(keys, self.node_id, self.settings.lease_seconds)
+        asked = time.monotonic()
+        ours = await self.store.renew(keys, self.owner, self.settings.lease_seconds)
         for key in keys:
-            if key not in ours:
-                self._held.pop(key, None)
+            if key in ours:
+                if key in self._held:
+                    self._until[key] = asked + self.settings.lease_seconds
+            else:
+                self._forget(key)
+
+    def _supersede(self) -> None:
+        """Another process took this node id over (this one stalled past its lease): stop working."""
+        log.error(
+            "another process took over node id %s; this process stops working (not ready) and should be restarted",
+            self.node_id,
+        )
+        self.superseded = True
+        self.accepting = False
+        self.draining = True
+        for handle in self._wakeups.values():
+            handle.cancel()
+        self._wakeups.clear()
+        self._held.clear()
+        self._until.clear()
+        for task in list(self._tasks):
+            task.cancel()
 
     async def resync_backlog(self) -> None:
         self.backlog = await self.store.pending_count()
         self.metrics.backlog.set(self.backlog)
 
-    async def close(self, grace: float = 10.0) -> None:
-        """Let running turns finish (bounded), then stop."""
+    # -- shutdown ---------------------------------------------------------------------------
+
+    async def drain(self, bound: float) -> dict[str, float]:
+        """Stop taking work, let turns in flight finish (flushing their outbox) within `bound`
+        seconds, then hand every lease still held back to the other nodes. Idempotent."""
+        if self._drained is None:
+            self._drained = asyncio.ensure_future(self._drain(bound))
+        return await asyncio.shield(self._drained)
+
+    async def _drain(self, bound: float) -> dict[str, float]:
+        started = time.monotonic()
         self.accepting = False
+        self.draining = True
         for handle in self._wakeups.values():
             handle.cancel()
         self._wakeups.clear()
+        waiting = [lease for key, lease in self._held.items() if key not in self._active]
+        for lease in waiting:  # a delivery waiting to retry: the next holder retries it
+            await self._hand_back(lease)
+        in_flight = len(self._tasks)
+        cancelled = 0
         if self._tasks:
-            _, pending = await asyncio.wait(list(self._tasks), timeout=grace)
+            budget = max(0.0, bound - 1.0 - (time.monotonic() - started))
+            _, pending = await asyncio.wait(list(self._tasks), timeout=budget)
+            cancelled = len(pending)
             for task in pending:
                 task.cancel()
             for task in pending:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+        for lease in list(self._held.values()):
+            await self._hand_back(lease)
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=max(0.1, bound - (time.monotonic() - started)))
+        result = {
+            "in_flight": in_flight,
+            "cancelled": cancelled,
+            "handed_back": self.stats["handed_back"],
+            "seconds": round(time.monotonic() - started, 3),
+        }
+        log.info("dispatcher drained", extra=result)
+        return result
+
+    async def close(self, grace: float = 10.0) -> None:
+        """Drain (if a signal did not already) and stop."""
+        await self.drain(grace)
+        for task in list(self._background):
+            task.cancel()

@@ -57,6 +57,13 @@ def _duration(value: Any) -> float | None:
     return seconds
 
 
+def _agent_name(value: Any) -> str:
+    """An event's agent: a name, or a platform's {"id", "name"} (Chatwoot's assignee)."""
+    if isinstance(value, dict):
+        value = value.get("name") or value.get("id")
+    return str(value or "agent")
+
+
 class Outcome(BaseModel):
     """What happens when nobody comes: a message, and then `bot` (the bot takes over again),
     `wait` (stay in the queue) or `message` (leave a message: stay queued, no more timers)."""
@@ -191,7 +198,7 @@ class HandoffMachine:
 
     def event(self, ctx: TurnContext, event: str, payload: dict[str, Any]) -> bool:
         """Apply an agent-side event; True if it was one (handled, or ignored as stale)."""
-        agent = str(payload.get("agent") or "agent")
+        agent = _agent_name(payload.get("agent"))
         owner = ctx.state.owner
         if event == EVENT_AGENT_ASSIGNED:
             if owner in (Owner.QUEUED, Owner.AGENT):

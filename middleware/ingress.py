@@ -2,20 +2,25 @@
 
 Nothing is acknowledged before it is in the store; a retried webhook gets 200 and no second
 turn; past the backlog limit, or with the store down, the platform gets 503 + Retry-After and
-keeps the message.
+keeps the message. A method the platform does not use is 405 and a sub-path it does not call
+404, before the body is read; a body is bounded in size (413) and, as JSON, in depth (400,
+`platforms.base.loads_json`). A sender past its rate (middleware/flood.py) is still answered 200:
+its messages are stored as `flooded`, without a turn.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from middleware.dispatch import Dispatcher
+from middleware.flood import SenderLimiter
 from middleware.metrics import Metrics
-from middleware.platforms.base import Platform, Rejected, WebhookRequest
+from middleware.model import Inbound
+from middleware.platforms.base import Platform, Rejected, WebhookRequest, id_problem
 from middleware.store import Store, StoreUnavailable
 
 log = logging.getLogger("switchboard.ingress")
@@ -34,6 +39,7 @@ class Ingress:
         metrics: Metrics,
         max_body_bytes: int,
         retry_after: int,
+        senders: SenderLimiter | None = None,
     ) -> None:
         self.platforms = platforms
         self.store = store
@@ -41,12 +47,25 @@ class Ingress:
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.retry_after = str(retry_after)
+        self.senders = senders or SenderLimiter(None, 1)
 
     async def __call__(self, request: Request) -> Response:
         name = request.path_params["name"]
         platform = self.platforms.get(name)
         if platform is None:
             return JSONResponse({"error": f"unknown platform {name!r}"}, status_code=404)
+        if request.method not in platform.methods:
+            allow = ", ".join(sorted(platform.methods))
+            self.metrics.webhooks.labels(name, "rejected").inc()
+            return JSONResponse(
+                {"error": f"{request.method} is not how {name!r} takes webhooks" + (f"; use {allow}" if allow else "")},
+                status_code=405,
+                headers={"Allow": allow},
+            )
+        rest = request.path_params.get("rest", "")
+        if rest and not platform.subpaths:
+            self.metrics.webhooks.labels(name, "rejected").inc()
+            return JSONResponse({"error": f"no webhook at /webhooks/{name}/{rest[:80]}"}, status_code=404)
         if not self.dispatcher.accepting:
             return self._unavailable("shutting down")
         if self.dispatcher.overloaded:
@@ -56,39 +75,51 @@ class Ingress:
         except TooLarge:
             self.metrics.webhooks.labels(name, "rejected").inc()
             return JSONResponse({"error": f"body larger than {self.max_body_bytes} bytes"}, status_code=413)
-        webhook = WebhookRequest(
-            request.method, body, request.headers, request.query_params, request.path_params.get("rest", "")
-        )
+        webhook = WebhookRequest(request.method, body, request.headers, request.query_params, rest)
         try:
             parsed = platform.parse(webhook)
+            check_messages(parsed.messages)
         except Rejected as exc:
             self.metrics.webhooks.labels(name, "rejected").inc()
             log.info("webhook rejected: %s", exc.message, extra={"platform": name, "status": exc.status})
             return JSONResponse(exc.body(), status_code=exc.status)
+        flooded = [not self.senders.admit(m) for m in parsed.messages]
         try:
-            fresh = await self.store.accept(parsed.messages)
+            fresh = await self.store.accept(parsed.messages, flooded)
         except StoreUnavailable:
+            for message, flood in zip(parsed.messages, flooded, strict=True):
+                if not flood:
+                    self.senders.refund(message)
             return self._unavailable("store unavailable")
-        accepted = 0
+        accepted = stored_flooded = 0
         notified: set[str] = set()
-        for message, new in zip(parsed.messages, fresh, strict=True):
-            if new:
+        for message, new, flood in zip(parsed.messages, fresh, flooded, strict=True):
+            if new and flood:
+                stored_flooded += 1
+            elif new:
                 accepted += 1
                 key = message.conversation_key
                 if key not in notified:
                     notified.add(key)
                     self.dispatcher.notify(key)
-        duplicates = len(fresh) - accepted
+            elif not flood:
+                self.senders.refund(message)  # a duplicate runs no turn: its token goes back
+        duplicates = len(fresh) - accepted - stored_flooded
         if accepted:
             self.dispatcher.accepted(accepted)
             self.metrics.webhooks.labels(name, "accepted").inc(accepted)
+        if stored_flooded:
+            self.metrics.webhooks.labels(name, "flooded").inc(stored_flooded)
         if duplicates:
             self.metrics.webhooks.labels(name, "duplicate").inc(duplicates)
         if isinstance(parsed.response, str):
             return PlainTextResponse(parsed.response, status_code=parsed.status)
         if parsed.response is not None:
             return JSONResponse(parsed.response, status_code=parsed.status)
-        return JSONResponse({"accepted": accepted, "duplicates": duplicates}, status_code=parsed.status)
+        answer = {"accepted": accepted + stored_flooded, "duplicates": duplicates}
+        if stored_flooded:
+            answer["flooded"] = stored_flooded
+        return JSONResponse(answer, status_code=parsed.status)
 
     async def _body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -109,3 +140,17 @@ class Ingress:
             status_code=503,
             headers={"Retry-After": self.retry_after},
         )
+
+
+def check_messages(messages: Sequence[Inbound]) -> None:
+    """The edge's last check, whatever the platform: ids the store can hold (`Rejected` 400 otherwise)."""
+    for i, m in enumerate(messages):
+        at = f"[{i}]." if len(messages) > 1 else ""
+        for field, value in (
+            ("message_id", m.message_id),
+            ("conversation_id", m.conversation_id),
+            ("sender.id", m.sender.id),
+        ):
+            problem = id_problem(value) if isinstance(value, str) else "is not a string"
+            if problem is not None:
+                raise Rejected(400, f"{at}{field} {problem}", f"{at}{field}")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 
 class Metrics:
@@ -37,6 +41,12 @@ class Metrics:
         self.outbox_retries = Counter(
             "switchboard_outbox_retries", "Outbox deliveries scheduled for another attempt.", ["platform"], registry=r
         )
+        self.rate_limited = Counter(
+            "switchboard_rate_limited",
+            "Outbox sends held back by a platform's or a conversation's token bucket.",
+            ["platform"],
+            registry=r,
+        )
         self.outbox = Gauge(
             "switchboard_outbox", "Outbox rows by state (pending, retrying, dead).", ["state"], registry=r
         )
@@ -44,3 +54,58 @@ class Metrics:
         self.active = Gauge(
             "switchboard_active_conversations", "Conversations being worked on by this node.", registry=r
         )
+
+
+class ConnectorCollector(Collector):
+    """Per-connector numbers read at scrape time from the connectors' own statistics
+    (`connectors.resilience.Guard`): calls, errors by kind, retries, latency, breaker state."""
+
+    def __init__(self, source: Callable[[], Mapping[str, object]]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        from connectors.resilience import BUCKETS, HttpConnector
+
+        calls = CounterMetricFamily(
+            "switchboard_connector_calls", "Connector calls by outcome (ok, error).", labels=["connector", "outcome"]
+        )
+        errors = CounterMetricFamily(
+            "switchboard_connector_errors",
+            "Connector errors by kind (timeout, unavailable, auth, bad_response, circuit_open).",
+            labels=["connector", "kind"],
+        )
+        retries = CounterMetricFamily(
+            "switchboard_connector_retries",
+            "Requests repeated after 429, 5xx or a transport error.",
+            labels=["connector"],
+        )
+        seconds = HistogramMetricFamily(
+            "switchboard_connector_seconds", "Connector call latency, retries included.", labels=["connector"]
+        )
+        breaker = GaugeMetricFamily(
+            "switchboard_connector_breaker",
+            "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
+            labels=["connector"],
+        )
+        in_flight = GaugeMetricFamily("switchboard_connector_in_flight", "Calls in flight.", labels=["connector"])
+        states = {"closed": 0, "half_open": 1, "open": 2}
+        for name, connector in sorted(self.source().items()):
+            if not isinstance(connector, HttpConnector):
+                continue
+            s = connector.guard.stats
+            calls.add_metric([name, "ok"], s.ok)
+            calls.add_metric([name, "error"], s.calls - s.ok)
+            for kind, n in sorted(s.errors.items()):
+                errors.add_metric([name, kind], n)
+            retries.add_metric([name], s.retries)
+            buckets = [(str(le), float(n)) for le, n in zip(BUCKETS, s.buckets, strict=False)]
+            buckets.append(("+Inf", float(s.buckets[-1])))
+            seconds.add_metric([name], buckets, s.seconds_sum)
+            breaker.add_metric([name], states[connector.guard.breaker.state])
+            in_flight.add_metric([name], s.in_flight)
+        yield from (calls, errors, retries, seconds, breaker, in_flight)
+
+
+def observe_connectors(metrics: Metrics, source: Callable[[], Mapping[str, object]]) -> None:
+    """Export the connectors that `source()` returns (read at each scrape) in `metrics.registry`."""
+    metrics.registry.register(ConnectorCollector(source))

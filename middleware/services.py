@@ -9,6 +9,7 @@ import httpx
 from middleware.dispatch import Dispatcher
 from middleware.engine import Engine
 from middleware.metrics import Metrics
+from middleware.notify import Bus
 from middleware.platforms import Platform
 from middleware.settings import Settings
 from middleware.store import Store
@@ -27,3 +28,5 @@ class Services:
     turns: TurnRunner
     node_id: str
     started_at: float
+    #: signals between nodes (middleware/notify.py)
+    bus: Bus | None = None

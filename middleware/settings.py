@@ -52,6 +52,15 @@ class ServerSettings(_Section):
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
 
 
+class IngressSettings(_Section):
+    """Flood control per sender at the webhook (middleware/flood.py, docs/operations.md)."""
+
+    #: messages a second that one sender (platform, sender id) gets turns for; null: no limit
+    sender_per_second: float | None = Field(default=1.0, gt=0)
+    #: messages a sender may send at once before the rate applies; past both they are stored, unanswered
+    sender_burst: int = Field(default=20, ge=1)
+
+
 class DispatchSettings(_Section):
     #: conversations worked on at once by this node
     max_concurrency: int = Field(default=64, ge=1)
@@ -62,6 +71,9 @@ class DispatchSettings(_Section):
     sweep_seconds: float = Field(default=2.0, gt=0)
     #: a turn's whole deadline (flow engine and connectors)
     turn_timeout: float = Field(default=30.0, gt=0)
+    #: SIGTERM: webhooks get 503, turns in flight finish (or go to another node), leases are handed
+    #: back and the outbox flushed within this many seconds; the process exits a few seconds later
+    shutdown_seconds: float = Field(default=10.0, gt=0)
 
 
 class TypingSettings(_Section):
@@ -84,6 +96,18 @@ class AdminSettings(_Section):
     token: str | None = None
 
 
+class InboxSettings(_Section):
+    """The built-in agent inbox at /inbox (accounts: `switchboard agent add NAME`)."""
+
+    #: a signed-in agent's session ends after this many minutes without a request
+    session_minutes: float = Field(default=480.0, gt=0)
+    #: signs the sign-in form's CSRF token; give every node the same one (e.g. ${SWITCHBOARD_INBOX_SECRET});
+    #: unset or empty: a random one per process, with a warning at start-up
+    secret: str | None = None
+    #: failed sign-ins for one name (four times as many from one address) within 15 minutes before sign-in pauses
+    max_failed_logins: int = Field(default=5, ge=1)
+
+
 class Settings(_Section):
     store: StoreSettings = StoreSettings()
     flows: Path = Path("flows")
@@ -94,11 +118,13 @@ class Settings(_Section):
     #: watch the flows folder and swap in valid changes between turns
     reload: bool = True
     server: ServerSettings = ServerSettings()
+    ingress: IngressSettings = IngressSettings()
     dispatch: DispatchSettings = DispatchSettings()
     typing: TypingSettings = TypingSettings()
     outbox: OutboxSettings = OutboxSettings()
     admin: AdminSettings = AdminSettings()
     handoff: HandoffSettings = HandoffSettings()
+    inbox: InboxSettings = InboxSettings()
     node_id: str | None = None
     fallback_reply: str = "Sorry, something went wrong on our side. Please try again in a moment."
     #: where the config came from; relative paths were resolved against its folder

@@ -24,16 +24,20 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import (
+    ColumnElement,
     Connection,
     Engine,
+    Float,
     Index,
     UniqueConstraint,
+    cast,
     create_engine,
     delete,
     event,
     exists,
     func,
     insert,
+    literal,
     or_,
     select,
     text,
@@ -148,12 +152,55 @@ class UserRow(SQLModel, table=True):
     updated_at: float
 
 
+class AgentRow(SQLModel, table=True):
+    """An account of the built-in agent inbox; the password is kept as an argon2 hash."""
+
+    __tablename__ = "agent"
+    name: str = Field(primary_key=True, max_length=200)
+    password_hash: str = Field(max_length=500)
+    created_at: float
+    updated_at: float
+
+
+class AgentSessionRow(SQLModel, table=True):
+    """A signed-in agent: the session cookie's SHA-256 (never the cookie), its CSRF token, its expiry."""
+
+    __tablename__ = "agent_session"
+    __table_args__ = (Index("ix_agent_session_agent", "agent"), Index("ix_agent_session_expires", "expires_at"))
+    token_hash: str = Field(primary_key=True, max_length=64)
+    agent: str = Field(max_length=200)
+    csrf: str = Field(max_length=100)
+    created_at: float
+    seen_at: float
+    expires_at: float
+
+
+class NodeRow(SQLModel, table=True):
+    """A `switchboard serve` process that uses this node id now (middleware/cluster.py): the
+    incarnation (random per process start) makes its lease owner unique; `seen_at` is its heartbeat."""
+
+    __tablename__ = "node"
+    node_id: str = Field(primary_key=True, max_length=180)
+    incarnation: str = Field(max_length=16)
+    #: kernel boot, pid and network namespaces and host name: equal means "the same machine's view"
+    host: str = Field(max_length=300)
+    pid: int
+    #: the process's start time (clock ticks since boot), so a reused pid is not taken for it
+    pid_start: int = 0
+    state: str = Field(default="up", max_length=16)
+    started_at: float
+    seen_at: float
+
+
 INBOX = InboxRow.__table__  # type: ignore[attr-defined]
 CONVERSATION = ConversationRow.__table__  # type: ignore[attr-defined]
 OUTBOX = OutboxRow.__table__  # type: ignore[attr-defined]
 TIMER = TimerRow.__table__  # type: ignore[attr-defined]
 USER = UserRow.__table__  # type: ignore[attr-defined]
 OWNERSHIP = OwnershipRow.__table__  # type: ignore[attr-defined]
+AGENT = AgentRow.__table__  # type: ignore[attr-defined]
+AGENT_SESSION = AgentSessionRow.__table__  # type: ignore[attr-defined]
+NODE = NodeRow.__table__  # type: ignore[attr-defined]
 
 
 class StoreUnavailable(Exception):
@@ -207,6 +254,11 @@ class Store:
         self.batch_max = batch_max
         self.engine = _make_engine(self.url, durability)
         self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        self._accept_stmt = (
+            self._insert(INBOX)
+            .on_conflict_do_nothing(index_elements=["platform", "message_id"])
+            .returning(INBOX.c.platform, INBOX.c.message_id)
+        )
         self._queue: queue.SimpleQueue[tuple[Callable[[Connection], Any], asyncio.Future[Any]] | None] = (
             queue.SimpleQueue()
         )
@@ -214,6 +266,8 @@ class Store:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.batches = 0
         self.operations = 0
+        #: ops rerun after a deadlock or serialization failure with another node's transaction
+        self.conflicts = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -221,7 +275,13 @@ class Store:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._writer, name="store-writer", daemon=True)
         self._thread.start()
-        await self.run(lambda conn: SQLModel.metadata.create_all(conn))
+        await self.run(self._create_tables)
+
+    def _create_tables(self, conn: Connection) -> None:
+        if self.dialect == "postgresql":
+            # nodes starting at once on an empty database would race to CREATE the same tables
+            conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('switchboard.create_tables'))"))
+        SQLModel.metadata.create_all(conn)
 
     async def close(self) -> None:
         if self._thread is not None:
@@ -230,13 +290,25 @@ class Store:
             self._thread = None
         self.engine.dispose()
 
-    async def run(self, op: Callable[[Connection], T]) -> T:
-        """Run `op(conn)` inside the next group-committed transaction and return its result."""
+    async def run(self, op: Callable[[Connection], T], *, key: str | None = None, alone: bool = False) -> T:
+        """Run `op(conn)` inside the next group-committed transaction and return its result.
+
+        `key`: the conversation whose rows the op locks. Several nodes commit batches at once;
+        ops run in key order within a batch, so two nodes' batches lock conversations in the same
+        order and never deadlock. `alone`: the op locks rows of many conversations (lease
+        renewal), so it gets a transaction of its own."""
         if self._loop is None or self._thread is None:
             raise StoreUnavailable("store is not started")
         future: asyncio.Future[T] = self._loop.create_future()
-        self._queue.put((op, future))
+        self._queue.put((op if key is None and not alone else _Keyed(op, key, alone), future))
         return await future
+
+    def _now(self) -> ColumnElement[float]:
+        """The time leases are compared with, read in the database: PostgreSQL's clock, so that the
+        nodes' own clocks may drift apart without a node taking a live lease (SQLite runs one node)."""
+        if self.dialect == "postgresql":
+            return cast(func.extract("epoch", func.clock_timestamp()), Float)
+        return literal(time.time(), Float)
 
     def _writer(self) -> None:
         while True:
@@ -254,7 +326,8 @@ class Store:
                     stop = True
                     break
                 batch.append(nxt)
-            self._run_batch(batch)
+            for part in _lock_order(batch):
+                self._run_batch(part)
             if stop:
                 return
 
@@ -262,56 +335,60 @@ class Store:
         results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         try:
             with self.engine.begin() as conn:
+                merged = _Accept.merged(conn, [op for op, _ in batch if isinstance(op, _Accept)])
                 for op, fut in batch:
-                    results.append((fut, op(conn), None))
+                    results.append((fut, merged[id(op)] if id(op) in merged else op(conn), None))
             self.batches += 1
             self.operations += len(batch)
         except Exception as exc:  # one op failed (or the database): isolate each op in its own transaction
             results = []
-            if len(batch) == 1 or _is_unavailable(exc):
+            if not _is_conflict(exc) and (len(batch) == 1 or _is_unavailable(exc)):
                 err = _translate(exc)
                 results = [(fut, None, err) for _, fut in batch]
-            else:
+            else:  # a deadlock or serialization failure with another node's transaction is retried
                 for op, fut in batch:
-                    try:
-                        with self.engine.begin() as conn:
-                            results.append((fut, op(conn), None))
-                    except Exception as one:
-                        results.append((fut, None, _translate(one)))
+                    results.append((fut, *self._run_alone(op)))
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # loop closed during shutdown
             self._loop.call_soon_threadsafe(_resolve, results)
 
+    def _run_alone(self, op: Callable[[Connection], Any], attempts: int = 4) -> tuple[Any, BaseException | None]:
+        for attempt in range(attempts):
+            try:
+                with self.engine.begin() as conn:
+                    return op(conn), None
+            except Exception as exc:
+                if not _is_conflict(exc) or attempt == attempts - 1:
+                    return None, _translate(exc)
+                self.conflicts += 1
+                time.sleep(0.005 * (attempt + 1))
+        raise AssertionError("unreachable")
+
     # -- ingress -----------------------------------------------------------------------------
 
-    async def accept(self, messages: Sequence[Inbound]) -> list[bool]:
-        """Persist new messages; returns, per message, whether it was new (False = duplicate)."""
+    async def accept(self, messages: Sequence[Inbound], flooded: Sequence[bool] = ()) -> list[bool]:
+        """Persist new messages; returns, per message, whether it was new (False = duplicate).
+
+        A message flagged in `flooded` (its sender is over its rate, middleware/flood.py) is stored
+        as `flooded`: kept and deduped, but never pending, so no turn runs for it.
+        """
         if not messages:
             return []
         now = time.time()
+        flags = list(flooded) or [False] * len(messages)
         rows = [
             {
                 "platform": m.platform,
                 "message_id": m.message_id,
                 "conversation_key": m.conversation_key,
                 "body": _dumps(m.to_json()),
-                "status": "pending",
+                "status": "flooded" if flood else "pending",
                 "received_at": now,
+                "handled_at": now if flood else None,
             }
-            for m in messages
+            for m, flood in zip(messages, flags, strict=True)
         ]
-        stmt = (
-            self._insert(INBOX)
-            .on_conflict_do_nothing(index_elements=["platform", "message_id"])
-            .returning(INBOX.c.platform, INBOX.c.message_id)
-        )
-
-        def op(conn: Connection) -> set[tuple[str, str]]:
-            if len(rows) == 1:
-                return {(r[0], r[1]) for r in conn.execute(stmt, rows[0])}
-            return {(r[0], r[1]) for r in conn.execute(stmt.values(rows))}
-
-        inserted = await self.run(op)
+        inserted: set[tuple[str, str]] = await self.run(_Accept(self._accept_stmt, rows))
         seen: set[tuple[str, str]] = set()
         out = []
         for m in messages:
@@ -325,6 +402,7 @@ class Store:
     async def claim(self, key: str, platform: str, external_id: str, owner: str, lease_seconds: float) -> Lease | None:
         """Take the conversation's lease if it is free, expired or already ours; None otherwise."""
         now = time.time()
+        db_now = self._now()
         c = CONVERSATION.c
         stmt = (
             self._insert(CONVERSATION)
@@ -333,15 +411,15 @@ class Store:
                 platform=platform,
                 external_id=external_id,
                 lease_owner=owner,
-                lease_until=now + lease_seconds,
+                lease_until=db_now + lease_seconds,
                 epoch=1,
                 created_at=now,
                 updated_at=now,
             )
             .on_conflict_do_update(
                 index_elements=["key"],
-                set_={"lease_owner": owner, "lease_until": now + lease_seconds, "epoch": c.epoch + 1},
-                where=or_(c.lease_owner.is_(None), c.lease_until < now, c.lease_owner == owner),
+                set_={"lease_owner": owner, "lease_until": db_now + lease_seconds, "epoch": c.epoch + 1},
+                where=or_(c.lease_owner.is_(None), c.lease_until < db_now, c.lease_owner == owner),
             )
             .returning(c.epoch, c.state)
         )
@@ -353,20 +431,38 @@ class Store:
             state = ConversationState.from_json(json.loads(row.state) if row.state else None)
             return Lease(key, owner, row.epoch, state)
 
-        return await self.run(op)
+        return await self.run(op, key=key)
 
     async def renew(self, keys: Sequence[str], owner: str, lease_seconds: float) -> set[str]:
         """Extend our leases; returns the keys still ours."""
         if not keys:
             return set()
         c = CONVERSATION.c
-        until = time.time() + lease_seconds
+        until = self._now() + lease_seconds
+        stmt = (
+            update(CONVERSATION)
+            .where(c.key.in_(list(keys)), c.lease_owner == owner)
+            .values(lease_until=until)
+            .returning(c.key)
+        )
+        return await self.run(lambda conn: {r[0] for r in conn.execute(stmt)}, alone=True)
 
-        def op(conn: Connection) -> set[str]:
-            conn.execute(update(CONVERSATION).where(c.key.in_(keys), c.lease_owner == owner).values(lease_until=until))
-            return {r[0] for r in conn.execute(select(c.key).where(c.key.in_(keys), c.lease_owner == owner))}
+    async def hand_back(self, lease: Lease) -> bool:
+        """Give the lease up even with work pending (a node shutting down): any node may claim it
+        at once. False if it was not ours any more."""
+        c = CONVERSATION.c
+        stmt = (
+            update(CONVERSATION)
+            .where(c.key == lease.key, c.lease_owner == lease.owner, c.epoch == lease.epoch)
+            .values(lease_owner=None, lease_until=0.0)
+        )
+        return bool(await self.run(lambda conn: conn.execute(stmt).rowcount, key=lease.key))
 
-        return await self.run(op)
+    async def expire_leases(self, owner: str) -> int:
+        """End every lease `owner` holds (a dead incarnation's, or ours at the end of a shutdown)."""
+        c = CONVERSATION.c
+        stmt = update(CONVERSATION).where(c.lease_owner == owner).values(lease_owner=None, lease_until=0.0)
+        return int(await self.run(lambda conn: conn.execute(stmt).rowcount, alone=True))
 
     async def release(self, lease: Lease) -> bool:
         """Give the lease up if the conversation has nothing pending; False means work remains."""
@@ -378,7 +474,7 @@ class Store:
             .where(c.key == lease.key, c.lease_owner == lease.owner, c.epoch == lease.epoch, ~pending_in, ~pending_out)
             .values(lease_owner=None, lease_until=0.0)
         )
-        return bool(await self.run(lambda conn: conn.execute(stmt).rowcount))
+        return bool(await self.run(lambda conn: conn.execute(stmt).rowcount, key=lease.key))
 
     async def pending_messages(self, key: str, limit: int = 32) -> list[PendingMessage]:
         stmt = (
@@ -487,7 +583,7 @@ class Store:
             if owner_rows:
                 conn.execute(insert(OWNERSHIP), owner_rows)
 
-        await self.run(op)
+        await self.run(op, key=lease.key)
 
     def _merge_user(self, conn: Connection, key: str, changes: dict[str, Any], now: float) -> None:
         row = conn.execute(select(USER.c.vars).where(USER.c.key == key)).first()
@@ -649,7 +745,7 @@ class Store:
 
     async def work_to_resume(self, owner: str, limit: int = 500) -> list[str]:
         """Conversations with pending messages or outbox rows and no live lease but ours."""
-        now = time.time()
+        now = self._now()
         c = CONVERSATION.c
         keys = union(
             select(INBOX.c.conversation_key.label("key")).where(INBOX.c.status == "pending"),
@@ -660,6 +756,76 @@ class Store:
         )
         stmt = select(keys.c.key).where(~held_elsewhere).limit(limit)
         return await self.run(lambda conn: [r[0] for r in conn.execute(stmt)])
+
+    async def with_pending_messages(self, keys: Sequence[str]) -> set[str]:
+        """Those of `keys` with a message (or a fired timer's event) waiting for its turn."""
+        if not keys:
+            return set()
+        i = INBOX.c
+        stmt = select(i.conversation_key).where(i.conversation_key.in_(list(keys)), i.status == "pending").distinct()
+        return await self.run(lambda conn: {r[0] for r in conn.execute(stmt)})
+
+    async def notify(self, channel: str, payload: str) -> None:
+        """PostgreSQL NOTIFY in the next group commit (sent when it commits): middleware/notify.py."""
+        if self.dialect != "postgresql":
+            raise StoreUnavailable("NOTIFY needs PostgreSQL")
+        stmt = text("SELECT pg_notify(:channel, :payload)")
+        await self.run(lambda conn: conn.execute(stmt, {"channel": channel, "payload": payload}))
+
+    # -- nodes (middleware/cluster.py) --------------------------------------------------------
+
+    async def take_node(
+        self, node_id: str, incarnation: str, host: str, pid: int, pid_start: int, busy: Callable[[Any], bool]
+    ) -> dict[str, Any] | None:
+        """Register this process as `node_id` unless `busy(row)` says the process in the row is
+        alive; then the row (as a dict; `race` set if another process registered the id in this very
+        instant) is returned and nothing changes. Taking the id over ends the leases of the
+        incarnation it replaces (that process is gone, and lease owners name the incarnation)."""
+        now = time.time()
+        n = NODE.c
+        values = {
+            "incarnation": incarnation,
+            "host": host[:300],
+            "pid": pid,
+            "pid_start": pid_start,
+            "state": "up",
+            "started_at": now,
+            "seen_at": now,
+        }
+
+        def op(conn: Connection) -> dict[str, Any] | None:
+            query = select(NODE).where(n.node_id == node_id)
+            if self.dialect == "postgresql":
+                query = query.with_for_update()
+            row = conn.execute(query).first()
+            if row is None:
+                added = (
+                    self._insert(NODE).values(node_id=node_id, **values).on_conflict_do_nothing().returning(n.node_id)
+                )
+                if conn.execute(added).first() is None:  # another process registered it this instant
+                    return {"node_id": node_id, "race": True}
+                return None
+            if row.incarnation != incarnation and busy(row):
+                return dict(row._mapping)
+            conn.execute(update(NODE).where(n.node_id == node_id).values(**values))
+            old_owner = f"{row.incarnation}@{node_id}"
+            c = CONVERSATION.c
+            conn.execute(
+                update(CONVERSATION).where(c.lease_owner == old_owner).values(lease_owner=None, lease_until=0.0)
+            )
+            return None
+
+        return await self.run(op, alone=True)
+
+    async def node_heartbeat(self, node_id: str, incarnation: str, state: str = "up") -> bool:
+        """Mark this process seen now; False if another process has taken its node id over."""
+        n = NODE.c
+        stmt = (
+            update(NODE)
+            .where(n.node_id == node_id, n.incarnation == incarnation)
+            .values(seen_at=time.time(), state=state)
+        )
+        return bool(await self.run(lambda conn: conn.execute(stmt).rowcount))
 
     async def pending_count(self) -> int:
         stmt = select(func.count()).select_from(INBOX).where(INBOX.c.status == "pending")
@@ -690,7 +856,8 @@ class Store:
         before = time.time() - older_than_days * 86400
 
         def op(conn: Connection) -> int:
-            n = conn.execute(delete(INBOX).where(INBOX.c.status == "done", INBOX.c.handled_at < before)).rowcount
+            handled = INBOX.c.status.in_(("done", "flooded"))
+            n = conn.execute(delete(INBOX).where(handled, INBOX.c.handled_at < before)).rowcount
             n += conn.execute(delete(OUTBOX).where(OUTBOX.c.status == "sent", OUTBOX.c.sent_at < before)).rowcount
             n += conn.execute(
                 delete(TIMER).where(TIMER.c.status.in_(("fired", "cancelled")), TIMER.c.due_at < before)
@@ -750,12 +917,19 @@ class Store:
             if row is None:
                 return None
             messages = conn.execute(
-                select(INBOX.c.body, INBOX.c.status, INBOX.c.received_at)
+                select(INBOX.c.body, INBOX.c.status, INBOX.c.received_at, INBOX.c.handled_at)
                 .where(INBOX.c.conversation_key == key)
                 .order_by(INBOX.c.id)
             ).all()
             replies = conn.execute(
-                select(OUTBOX.c.body, OUTBOX.c.status, OUTBOX.c.created_at, OUTBOX.c.attempts, OUTBOX.c.last_error)
+                select(
+                    OUTBOX.c.body,
+                    OUTBOX.c.status,
+                    OUTBOX.c.created_at,
+                    OUTBOX.c.attempts,
+                    OUTBOX.c.last_error,
+                    OUTBOX.c.sent_at,
+                )
                 .where(OUTBOX.c.conversation_key == key)
                 .order_by(OUTBOX.c.id)
             ).all()
@@ -773,15 +947,256 @@ class Store:
                 "state": json.loads(row.state) if row.state else None,
                 "lease": {"owner": row.lease_owner, "until": row.lease_until, "epoch": row.epoch},
                 "messages": [
-                    {**json.loads(m.body), "status": m.status, "received_at": m.received_at} for m in messages
+                    {
+                        **json.loads(m.body),
+                        "status": m.status,
+                        "received_at": m.received_at,
+                        "handled_at": m.handled_at,
+                    }
+                    for m in messages
                 ],
                 "outbox": [
-                    {**json.loads(r.body), "status": r.status, "attempts": r.attempts, "error": r.last_error}
+                    {
+                        **json.loads(r.body),
+                        "status": r.status,
+                        "attempts": r.attempts,
+                        "error": r.last_error,
+                        "created_at": r.created_at,
+                        "sent_at": r.sent_at,
+                    }
                     for r in replies
                 ],
             }
 
         return await self.run(op)
+
+    async def seed_conversation(self, key: str, platform: str, external_id: str, state: ConversationState) -> bool:
+        """Create a conversation with a starting state (the playground picks its flow this way);
+        False, and nothing changed, if it exists already."""
+        now = time.time()
+        stmt = (
+            self._insert(CONVERSATION)
+            .values(
+                key=key,
+                platform=platform,
+                external_id=external_id,
+                state=_dumps(state.to_json()),
+                owner=state.owner.value,
+                created_at=now,
+                updated_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=["key"])
+            .returning(CONVERSATION.c.key)
+        )
+        return await self.run(lambda conn: conn.execute(stmt).first() is not None)
+
+    async def last_user_messages(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Per conversation, the newest message a user sent (not an agent's or a timer's event), for
+        previews: bodies are compact JSON (`_dumps`), so an event's holds `"type":"event"` and no user
+        text can (it would be escaped); a payload or attribute with that very pair is left out too."""
+        if not keys:
+            return {}
+        i = INBOX.c
+        newest = (
+            select(func.max(i.id))
+            .where(i.conversation_key.in_(list(keys)), ~i.body.contains('"type":"event"'))
+            .group_by(i.conversation_key)
+        )
+        stmt = select(i.conversation_key, i.body, i.received_at).where(i.id.in_(newest))
+
+        def op(conn: Connection) -> dict[str, dict[str, Any]]:
+            return {r[0]: {**json.loads(r[1]), "received_at": r[2]} for r in conn.execute(stmt)}
+
+        return await self.run(op)
+
+    # -- agent accounts and sessions (the built-in inbox) -------------------------------------
+
+    async def save_agent(self, name: str, password_hash: str, *, replace: bool = False) -> bool:
+        """Add an agent; with `replace`, set a new password for an existing one (and end its
+        sessions). False if the agent exists and `replace` is not given."""
+        now = time.time()
+        a = AGENT.c
+        stmt = self._insert(AGENT).values(name=name, password_hash=password_hash, created_at=now, updated_at=now)
+        if replace:
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["name"], set_={"password_hash": password_hash, "updated_at": now}
+            )
+        else:
+            stmt = stmt.on_conflict_do_nothing(index_elements=["name"])
+
+        def op(conn: Connection) -> bool:
+            done = conn.execute(stmt.returning(a.name)).first() is not None
+            if done and replace:
+                conn.execute(delete(AGENT_SESSION).where(AGENT_SESSION.c.agent == name))
+            return done
+
+        return await self.run(op)
+
+    async def agent_password_hash(self, name: str) -> str | None:
+        stmt = select(AGENT.c.password_hash).where(AGENT.c.name == name)
+        return await self.run(lambda conn: conn.execute(stmt).scalar())
+
+    async def agents(self) -> list[dict[str, Any]]:
+        a = AGENT.c
+        stmt = select(a.name, a.created_at, a.updated_at).order_by(a.name)
+        return await self.run(lambda conn: [dict(r._mapping) for r in conn.execute(stmt)])
+
+    async def remove_agent(self, name: str) -> bool:
+        """Delete an account and end its sessions; False if there was none."""
+
+        def op(conn: Connection) -> bool:
+            conn.execute(delete(AGENT_SESSION).where(AGENT_SESSION.c.agent == name))
+            return bool(conn.execute(delete(AGENT).where(AGENT.c.name == name)).rowcount)
+
+        return await self.run(op)
+
+    async def open_session(self, token_hash: str, agent: str, csrf: str, expires_at: float) -> None:
+        """Store a new session (and forget expired ones)."""
+        now = time.time()
+        row = {
+            "token_hash": token_hash,
+            "agent": agent,
+            "csrf": csrf,
+            "created_at": now,
+            "seen_at": now,
+            "expires_at": expires_at,
+        }
+
+        def op(conn: Connection) -> None:
+            conn.execute(delete(AGENT_SESSION).where(AGENT_SESSION.c.expires_at < now))
+            conn.execute(insert(AGENT_SESSION), row)
+
+        await self.run(op)
+
+    async def agent_session(self, token_hash: str) -> dict[str, Any] | None:
+        """A session that has not expired and whose agent still exists; None otherwise."""
+        s = AGENT_SESSION.c
+        stmt = (
+            select(s.agent, s.csrf, s.created_at, s.seen_at, s.expires_at)
+            .where(s.token_hash == token_hash, s.expires_at > time.time())
+            .where(exists().where(AGENT.c.name == s.agent))
+        )
+
+        def op(conn: Connection) -> dict[str, Any] | None:
+            row = conn.execute(stmt).first()
+            return dict(row._mapping) if row is not None else None
+
+        return await self.run(op)
+
+    async def touch_session(self, token_hash: str, expires_at: float) -> None:
+        s = AGENT_SESSION.c
+        stmt = (
+            update(AGENT_SESSION).where(s.token_hash == token_hash).values(seen_at=time.time(), expires_at=expires_at)
+        )
+        await self.run(lambda conn: conn.execute(stmt))
+
+    async def close_session(self, token_hash: str) -> None:
+        stmt = delete(AGENT_SESSION).where(AGENT_SESSION.c.token_hash == token_hash)
+        await self.run(lambda conn: conn.execute(stmt))
+
+
+class _Accept:
+    """The op of one `Store.accept`: on its own, one INSERT; in a batch with other accepts, all of
+    them share one multi-row INSERT (the writes of many webhooks in one statement)."""
+
+    __slots__ = ("keys", "rows", "stmt")
+    CHUNK = 1000  # rows per statement: SQLite allows 32766 bound values, 7 a row
+
+    def __init__(self, stmt: Any, rows: list[dict[str, Any]]) -> None:
+        self.stmt = stmt
+        self.rows = rows
+        self.keys = [(r["platform"], r["message_id"]) for r in rows]
+
+    def __call__(self, conn: Connection) -> set[tuple[str, str]]:
+        return self._insert(conn, self.stmt, self.rows)
+
+    @classmethod
+    def _insert(cls, conn: Connection, stmt: Any, rows: list[dict[str, Any]]) -> set[tuple[str, str]]:
+        inserted: set[tuple[str, str]] = set()
+        # in key order: two nodes inserting the same duplicates wait for each other in one order, not in a cycle
+        rows = sorted(rows, key=lambda r: (r["platform"], r["message_id"]))
+        for i in range(0, len(rows), cls.CHUNK):
+            chunk = rows[i : i + cls.CHUNK]
+            result = conn.execute(stmt, chunk[0]) if len(chunk) == 1 else conn.execute(stmt.values(chunk))
+            inserted.update((r[0], r[1]) for r in result)
+        return inserted
+
+    @classmethod
+    def merged(cls, conn: Connection, ops: list[_Accept]) -> dict[int, set[tuple[str, str]]]:
+        """Run several accepts as one INSERT; each gets the keys that were new for it (a key sent
+        by two webhooks in one batch is new for the first only)."""
+        if len(ops) < 2:
+            return {}
+        inserted = cls._insert(conn, ops[0].stmt, [row for op in ops for row in op.rows])
+        out: dict[int, set[tuple[str, str]]] = {}
+        for op in ops:
+            mine = {k for k in op.keys if k in inserted}
+            inserted -= mine
+            out[id(op)] = mine
+        return out
+
+
+class _Throttled:
+    """One warning line per `every` seconds (with how many were held back): an outage makes every
+    operation fail at once, and one line a second says as much as thousands."""
+
+    def __init__(self, message: str, every: float = 5.0) -> None:
+        self.message = message
+        self.every = every
+        self.last = 0.0
+        self.held = 0
+
+    def warning(self, detail: str) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every:
+            self.held += 1
+            return
+        more = f" (and {self.held} more in the last {self.every:g}s)" if self.held else ""
+        log.warning("%s: %s%s", self.message, detail, more)
+        self.last, self.held = now, 0
+
+
+_UNAVAILABLE = _Throttled("store unavailable")
+
+
+class _Keyed:
+    """An op with what `_lock_order` needs: the conversation it locks, or that it runs alone."""
+
+    __slots__ = ("alone", "key", "op")
+
+    def __init__(self, op: Callable[[Connection], Any], key: str | None, alone: bool) -> None:
+        self.op = op
+        self.key = key
+        self.alone = alone
+
+    def __call__(self, conn: Connection) -> Any:
+        return self.op(conn)
+
+
+def _lock_key(op: Callable[[Connection], Any]) -> str:
+    if isinstance(op, _Keyed) and op.key is not None:
+        return op.key
+    if isinstance(op, _Accept) and op.rows:
+        return min(str(r["conversation_key"]) for r in op.rows)
+    return ""
+
+
+def _lock_order(
+    batch: list[tuple[Callable[[Connection], Any], asyncio.Future[Any]]],
+) -> list[list[tuple[Callable[[Connection], Any], asyncio.Future[Any]]]]:
+    """The batch as transactions: its ops sorted by the conversation they lock (stable: one
+    conversation's ops keep their order; ops without a key, reads mostly, first), then each op
+    that locks many conversations in a transaction of its own. Every node's batches then lock
+    conversation rows in one global order, so they cannot deadlock each other."""
+    grouped = [item for item in batch if not (isinstance(item[0], _Keyed) and item[0].alone)]
+    alone = [[item] for item in batch if isinstance(item[0], _Keyed) and item[0].alone]
+    grouped.sort(key=lambda item: _lock_key(item[0]))
+    return ([grouped] if grouped else []) + alone
+
+
+def _is_conflict(exc: BaseException) -> bool:
+    """A deadlock or serialization failure: another transaction won, and a retry may succeed."""
+    return getattr(getattr(exc, "orig", None), "sqlstate", None) in ("40P01", "40001")
 
 
 def _resolve(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
@@ -795,6 +1210,8 @@ def _resolve(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]
 
 
 def _is_unavailable(exc: BaseException) -> bool:
+    if _is_conflict(exc):
+        return False
     if isinstance(exc, OperationalError | StoreUnavailable):
         return True
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
@@ -803,8 +1220,8 @@ def _is_unavailable(exc: BaseException) -> bool:
 def _translate(exc: BaseException) -> BaseException:
     if isinstance(exc, LeaseLost):
         return exc
-    if _is_unavailable(exc):
-        log.warning("store unavailable: %s", exc.__class__.__name__)
+    if _is_unavailable(exc) or _is_conflict(exc):
+        _UNAVAILABLE.warning(f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}")
         return StoreUnavailable(str(exc).splitlines()[0][:200])
     return exc
 
@@ -839,10 +1256,13 @@ def _make_engine(url: str, durability: str) -> Engine:
 
 
 __all__ = [
+    "AgentRow",
+    "AgentSessionRow",
     "ConversationRow",
     "InboxRow",
     "Lease",
     "LeaseLost",
+    "NodeRow",
     "OutboxItem",
     "OutboxRow",
     "PendingMessage",

@@ -157,17 +157,28 @@ class TurnRunner:
                 return None
         try:
             result = await decision
+        except asyncio.CancelledError:  # cut off (a shutdown's bound): nothing stored, the next holder redoes it
+            decision.cancel()
+            await asyncio.wait([asyncio.ensure_future(typing.stop())], timeout=1.0)
+            if typing.sent_on:
+                off = Outgoing("typing", message.conversation_id, typing=False, message_id=message.message_id)
+                self._spawn(self._send_now(platform, off, key_of("typing-off")))
+            raise
         except Exception as exc:  # the user still gets an answer; the operator gets one line
             result = self._failed(lease, message, state, exc)
         typing_was_on = await typing.stop()
-        outgoing = [
+        handoff_items = self._handoff_items(platform, message, result, key_of)
+        # the platform gives the conversation back to the bot (bot on) before the bot speaks again;
+        # a handoff goes after the bot's last words
+        outgoing = [(o, k) for o, k in handoff_items if o.kind == "release" and o.to is None]
+        outgoing += [
             (Outgoing("message", message.conversation_id, reply=r, reply_to=message.message_id), key_of(i))
             for i, r in enumerate(result.replies)
         ]
         if typing_was_on:
             off = Outgoing("typing", message.conversation_id, typing=False, message_id=message.message_id)
             outgoing.append((off, key_of("typing-off")))
-        outgoing += self._handoff_items(platform, message, result, key_of)
+        outgoing += [(o, k) for o, k in handoff_items if not (o.kind == "release" and o.to is None)]
         user_changes = {
             a.name[5:]: a.value for a in result.actions if isinstance(a, SetVariable) and a.name.startswith("user.")
         }
@@ -218,8 +229,8 @@ class TurnRunner:
     def _handoff_items(
         self, platform: Platform, message: Inbound, result: TurnResult, key_of: Callable[[int | str], str]
     ) -> list[tuple[Outgoing, str]]:
-        """Where humans are told (in the outbox, after the replies): the platform's own agent tools,
-        or the helpdesk webhook; the built-in inbox reads the store and needs nothing sent."""
+        """Where humans are told (in the outbox, after the replies; a platform release before them):
+        the platform's own agent tools, or the helpdesk webhook; the built-in inbox reads the store."""
         target = self.settings.handoff.target
         to_platform = platform.supports_handoff and target in ("auto", "platform")
         to_helpdesk = target == "webhook"

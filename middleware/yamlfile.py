@@ -42,6 +42,9 @@ class YamlDoc:
     data: Any
     positions: dict[PathKey, tuple[int, int]] = field(default_factory=dict)
     key_positions: dict[PathKey, tuple[int, int]] = field(default_factory=dict)
+    #: the file's text, and where each scalar that spans lines with folding (plain, quoted, `>`) lies in it
+    text: str = ""
+    folded: dict[PathKey, tuple[int, int]] = field(default_factory=dict)
 
     def where(self, path: Sequence[str | int], *, key: bool = False) -> tuple[int, int]:
         """Position of the value at `path`, or of its key; falls back to the nearest parent."""
@@ -72,7 +75,12 @@ def parse_yaml(text: str, file: str) -> YamlDoc:
             mark, message = exc.context_mark, f"{message} {exc.context or ''}".rstrip()
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         raise ConfigError([Problem(file, line, col, message)]) from exc
-    doc = YamlDoc(file, None)
+    except yaml.reader.ReaderError as exc:  # a control character (NUL, ESC...): YAML takes printable text only
+        before = text[: exc.position]
+        line, col = before.count("\n") + 1, exc.position - before.rfind("\n")
+        problem = f"YAML syntax: the character U+{exc.character:04X} is not allowed"
+        raise ConfigError([Problem(file, line, col, problem)]) from exc
+    doc = YamlDoc(file, None, text=text)
     if node is None:
         return doc
     try:
@@ -103,7 +111,13 @@ def load_yaml(path: Path) -> YamlDoc:
 _constructor = yaml.SafeLoader(stream="")
 
 
+#: values one document may expand to; aliases of aliases ("billion laughs") would otherwise take every byte of memory
+MAX_VALUES = 200_000
+
+
 def _build(node: yaml.Node, path: PathKey, doc: YamlDoc) -> Any:
+    if len(doc.positions) >= MAX_VALUES:
+        raise ValueError(f"the document expands to more than {MAX_VALUES} values (aliases of aliases?)")
     doc.positions[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
     if isinstance(node, yaml.ScalarNode) and node.style in ("|", ">") and node.start_mark.buffer:
         # a block scalar's text starts on the line below its `|` / `>`; templates count their lines from there
@@ -112,6 +126,9 @@ def _build(node: yaml.Node, path: PathKey, doc: YamlDoc) -> Any:
         if start:
             col = len(first) - len(first.lstrip(" ")) + 1 if first.strip() else node.start_mark.column + 1
             doc.positions[path] = (node.start_mark.line + 2, col)
+    if isinstance(node, yaml.ScalarNode) and node.style != "|" and node.end_mark.line > node.start_mark.line:
+        # folding joins its lines: a template's error lines are found again in this raw text (loader.py)
+        doc.folded[path] = (node.start_mark.index, node.end_mark.index)
     if isinstance(node, yaml.MappingNode):
         _constructor.flatten_mapping(node)  # `<<: *anchor` merge keys: the anchor's keys, then ours over them
         out: dict[Any, Any] = {}

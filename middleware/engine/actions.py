@@ -7,13 +7,11 @@ timers; it never talks to a platform.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import httpx
 
@@ -21,6 +19,7 @@ from connectors.base import ConnectorError, ConnectorTurn, HistoryEntry
 from middleware.engine.flow import Action, TurnContext
 from middleware.engine.templates import Template, TemplateFailed
 from middleware.model import Attachment, Button, Card, Handoff, Owner, Reply, Resolve, SetVariable, Timer, Transition
+from middleware.platforms.base import Rejected, loads_json
 
 if TYPE_CHECKING:
     from middleware.engine.loader import Compiler
@@ -157,6 +156,7 @@ class SetAction(Action):
                     key=True,
                 )
                 continue
+            c.note_variable(name)  # `user.NAME`: the flow loads and keeps the user's variables
             values.append((name, c.template(v, (*path, name)) if isinstance(v, str) else v))
         return cls(tuple(values))
 
@@ -189,9 +189,10 @@ class ClearAction(Action):
     @classmethod
     def from_yaml(cls, c: Compiler, value: Any, path: PathKey) -> Action | None:
         names = c.strings(value, path)
-        for n in names:
+        for i, n in enumerate(names):
             if not VAR_NAME.match(n):
-                c.error(path, f"bad variable name {n!r}")
+                at = (*path, i) if isinstance(value, list) else path
+                c.error(at, f"bad variable name {n!r}: letters, digits, _ (user.NAME for user scope)")
             c.note_variable(n)
         return cls(tuple(names))
 
@@ -290,7 +291,7 @@ class HandoffAction(Action):
         c.note_queue(queue, (*path, "queue"))
         resume = value.get("resume")
         if resume is not None:
-            c.note_goto(str(resume), (*path, "resume"))
+            c.note_goto(str(resume), (*path, "resume"), "handoff resumes at")
         return cls(queue, c.template(value.get("reason", "flow"), (*path, "reason")), str(resume) if resume else None)
 
 
@@ -508,8 +509,10 @@ class AskAction(Action):
 class HttpAction(Action):
     """`http: {url, method, json, headers, save_as, timeout}`: call an API, keep its JSON in a variable.
 
-    The URL's host must be in the config's `flows_http_allow` list (when the list is set). On
-    failure the variable is set to `{"error": "..."}` and the turn goes on.
+    The URL's host must be in the config's `http_allow` list (when the list is set), and so must
+    the host of every redirect (at most `MAX_REDIRECTS`; one to another host is not followed). The
+    answer is read up to `MAX_ANSWER_BYTES`. On failure the variable is set to `{"error": "..."}`
+    and the turn goes on.
     """
 
     key = "http"
@@ -522,13 +525,17 @@ class HttpAction(Action):
 
     async def run(self, ctx: TurnContext) -> None:
         t = ctx.template_context()
-        url = self.url.render(t)
+        raw = self.url.render(t)
         result: Any
-        host = urlsplit(url).hostname or ""
-        allow = ctx.resources.http_allow
-        if urlsplit(url).scheme not in ("http", "https"):
-            result = {"error": f"not an http(s) URL: {url[:80]}"}
-        elif allow and host not in allow:
+        allow = frozenset(h.lower().rstrip(".") for h in ctx.resources.http_allow)
+        try:
+            url: httpx.URL | None = httpx.URL(raw)  # httpx's own parsing: the host checked is the host called
+        except httpx.InvalidURL:
+            url = None
+        host = url.host if url is not None else ""
+        if url is None or url.scheme not in ("http", "https") or not host:
+            result = {"error": f"not an http(s) URL: {raw[:80]}"}
+        elif allow and host.rstrip(".") not in allow:
             result = {"error": f"host {host!r} is not in the allowed hosts"}
         elif ctx.resources.http is None:
             result = {"error": "no HTTP client"}
@@ -537,15 +544,11 @@ class HttpAction(Action):
             headers = {k: v.render(t) for k, v in self.headers}
             remaining = max(0.1, min(self.timeout, ctx.deadline - time.monotonic()))
             try:
-                response = await ctx.resources.http.request(
+                request = ctx.resources.http.build_request(
                     self.method, url, json=body if self.method != "GET" else None, headers=headers, timeout=remaining
                 )
-                try:
-                    data = response.json()
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    data = response.text[:2000]
-                result = data if response.status_code < 400 else {"error": f"HTTP {response.status_code}", "body": data}
-            except httpx.HTTPError as exc:
+                result = await _fetch(ctx.resources.http, request, allow)
+            except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # ValueError: a header with a newline
                 result = {"error": f"{type(exc).__name__}: {exc}"[:300]}
         ctx.trace.append(
             f"http {self.method} {host}: {'error' if isinstance(result, dict) and 'error' in result else 'ok'}"
@@ -570,6 +573,8 @@ class HttpAction(Action):
         if save_as is not None and (not isinstance(save_as, str) or not VAR_NAME.match(save_as)):
             c.error((*path, "save_as"), "save_as takes a variable name")
             save_as = None
+        if save_as is not None:
+            c.note_variable(save_as)
         timeout = c.duration(value.get("timeout", 10), (*path, "timeout"), maximum=60) or 10.0
         return cls(
             c.template(value["url"], (*path, "url")),
@@ -579,6 +584,40 @@ class HttpAction(Action):
             save_as,
             timeout,
         )
+
+
+MAX_REDIRECTS = 3
+MAX_ANSWER_BYTES = 1_048_576
+
+
+async def _fetch(http: httpx.AsyncClient, request: httpx.Request, allow: frozenset[str]) -> Any:
+    """Send `request`, following redirects by hand so each target's host is checked against `allow`
+    (whatever the client's own `follow_redirects`); the answer's JSON, or its text, or `{"error"}`."""
+    for _ in range(MAX_REDIRECTS + 1):
+        response = await http.send(request, stream=True, follow_redirects=False)
+        try:
+            if response.is_redirect and response.next_request is not None:
+                target = response.next_request.url.host
+                if allow and target.rstrip(".") not in allow:
+                    return {"error": f"HTTP {response.status_code} redirect to {target!r}, not in the allowed hosts"}
+                request = response.next_request
+                continue
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > MAX_ANSWER_BYTES:
+                    return {"error": f"answer larger than {MAX_ANSWER_BYTES} bytes"}
+                chunks.append(chunk)
+        finally:
+            await response.aclose()
+        raw = b"".join(chunks)
+        try:
+            data = loads_json(raw)
+        except Rejected:
+            data = raw.decode("utf-8", "replace")[:2000]
+        return data if response.status_code < 400 else {"error": f"HTTP {response.status_code}", "body": data}
+    return {"error": f"more than {MAX_REDIRECTS} redirects"}
 
 
 def _compile_tree(c: Compiler, value: Any, path: PathKey) -> Any:

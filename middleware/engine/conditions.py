@@ -316,6 +316,9 @@ class HoursIs(Condition):
             ((mode, name),) = value.items()
             c.note_hours(str(name), (*path, mode))
             return cls(str(name), mode == "within")
+        if isinstance(value, dict) and len(value) == 1:
+            c.known_keys(value, path, ("within", "outside"), "hours condition")
+            return cls("", True)
         c.error(path, "hours takes {within: NAME} or {outside: NAME}")
         return cls("", True)
 

@@ -118,6 +118,29 @@ def parse_duration(value: Any) -> float | None:
     return float(m.group(1)) * _UNIT[m.group(2)]
 
 
+def _nlu_key(path: PathKey, raw: Any) -> PathKey:
+    """The path of the first `intent` / `entity` key in a `when:` (inside all / any / not too)."""
+    if isinstance(raw, dict):
+        for key, value in raw.items():
+            if key in ("intent", "entity"):
+                return (*path, key)
+            if key in ("all", "any", "not"):
+                items = value if isinstance(value, list) else [value]
+                for i, item in enumerate(items):
+                    found = _nlu_key((*path, key, i) if isinstance(value, list) else (*path, key), item)
+                    if found[-1] in ("intent", "entity"):
+                        return found
+    return path
+
+
+def _human(seconds: float) -> str:
+    """`2592000` -> `30d`, `300` -> `5m`: a duration limit as a bot builder would write it."""
+    for unit in ("d", "h", "m"):
+        if seconds >= _UNIT[unit] and seconds % _UNIT[unit] == 0:
+            return f"{seconds / _UNIT[unit]:g}{unit}"
+    return f"{seconds:g}s"
+
+
 class Compiler:
     """Compiles one flow document; conditions and actions call back into it for shared checks."""
 
@@ -125,12 +148,14 @@ class Compiler:
         self.doc = doc
         self.known = known
         self.problems: list[Problem] = []
-        self.gotos: list[tuple[str, PathKey]] = []
+        self.gotos: list[tuple[str, PathKey, str]] = []
         self.flow_refs: list[tuple[str, PathKey]] = []
         self.hours_refs: list[tuple[str, PathKey]] = []
         self.scheduled_actions: dict[str, tuple[Action, ...]] = {}
         self.uses_nlu: list[PathKey] = []
         self.user_scope = False
+        #: states with mistakes of their own: a broken route may be the exit they lack
+        self.faulty: set[str] = set()
 
     # -- reporting -----------------------------------------------------------------------------
 
@@ -147,6 +172,22 @@ class Compiler:
         for k in value:
             if k not in allowed:
                 self.error((*path, k), f"unknown key '{k}' in {what}{nearest(k, allowed)}", key=True)
+
+    def shape(
+        self, raw: Any, path: PathKey, allowed: tuple[str, ...], required: tuple[str, ...], what: str, usage: str
+    ) -> bool:
+        """A mapping with only `allowed` keys and every `required` one; reports one problem per mistake:
+        an unknown key (with the nearest valid one) says more than the usage line would."""
+        if not isinstance(raw, dict):
+            self.error(path, usage)
+            return False
+        unknown = [k for k in raw if k not in allowed]
+        self.known_keys(raw, path, allowed, what)
+        if any(k not in raw for k in required):
+            if not unknown:
+                self.error(path, usage)
+            return False
+        return True
 
     # -- shared value parsers ------------------------------------------------------------------
 
@@ -178,21 +219,33 @@ class Compiler:
         err = template_error(source)
         if err is not None:
             line, col = self.doc.where(path)
-            self.problems.append(Problem(self.doc.file, line + err[0] - 1, col, f"template syntax: {err[1]}"))
+            line += err[0] - 1
+            span = self.doc.folded.get(tuple(path))
+            if span is not None:  # folded lines: find the error in the file's raw text, where lines are lines
+                raw = template_error(self.doc.text[span[0] : span[1]])
+                if raw is not None and raw[1] == err[1]:
+                    line = self.doc.text.count("\n", 0, span[0]) + raw[0]
+                    if raw[0] > 1:
+                        text = self.doc.text.splitlines()[line - 1]
+                        col = len(text) - len(text.lstrip()) + 1
+                else:
+                    line = self.doc.where(path)[0]
+            self.problems.append(Problem(self.doc.file, line, col, f"template syntax: {err[1]}"))
             return Template("")
         return Template(source)
 
     def duration(self, raw: Any, path: PathKey, maximum: float = 30 * 86400) -> float | None:
         seconds = parse_duration(raw)
         if seconds is None or seconds > maximum:
-            self.error(path, f"expected a duration such as 500ms, 1.5s, 10m, 2h (at most {maximum:g}s)")
+            self.error(path, f"expected a duration such as 500ms, 1.5s, 10m, 2h (at most {_human(maximum)})")
             return None
         return seconds
 
     # -- references checked after the whole flow (or all flows) are read -----------------------
 
-    def note_goto(self, state: str, path: PathKey) -> None:
-        self.gotos.append((state, path))
+    def note_goto(self, state: str, path: PathKey, what: str = "goto to") -> None:
+        """A state this flow must define; `what` starts the message if it does not ("goto to", ...)."""
+        self.gotos.append((state, path, what))
 
     def note_flow(self, flow: str, path: PathKey) -> None:
         self.flow_refs.append((flow, path))
@@ -241,9 +294,12 @@ class Compiler:
         hours = self.hours(data.get("hours", {}))
         states: dict[str, State] = {}
         for sname, raw in raw_states.items():
+            reported = len(self.problems)
             state = self.state(str(sname), raw, ("states", sname))
             if state is not None:
                 states[str(sname)] = state
+            if len(self.problems) > reported:
+                self.faulty.add(str(sname))
         always = self.routes(data.get("always", []), ("always",))
         start = str(data.get("start", next(iter(raw_states))))
         if start not in raw_states:
@@ -251,13 +307,15 @@ class Compiler:
         on = self.events(data.get("on", {}))
         fallback = self.fallback(data["fallback"]) if "fallback" in data else None
         coalesce = self.coalesce(data["coalesce"]) if "coalesce" in data else None
-        for target, path in self.gotos:
+        for target, path, what in self.gotos:
             if target not in raw_states:
-                self.error(path, f"goto to unknown state {target!r}{nearest(target, raw_states)}")
+                self.error(path, f"{what} unknown state {target!r}{nearest(target, raw_states)}")
+        # a calendar with mistakes of its own is still defined: its references are not mistakes too
+        declared = [str(k) for k in data["hours"]] if isinstance(data.get("hours"), dict) else []
         for cal, path in self.hours_refs:
-            if cal not in hours:
-                listed = ", ".join(sorted(hours)) or "none defined under hours:"
-                self.error(path, f"unknown hours {cal!r}{nearest(cal, hours)}; defined: {listed}")
+            if cal not in declared:
+                listed = ", ".join(sorted(declared)) or "none defined under hours:"
+                self.error(path, f"unknown hours {cal!r}{nearest(cal, declared)}; defined: {listed}")
         variables = data.get("vars", {})
         if not isinstance(variables, dict):
             self.error(("vars",), "vars must be a mapping")
@@ -270,7 +328,7 @@ class Compiler:
                 self.error(("nlu",), "nlu takes the name of a connector")
                 nlu = None
         elif self.uses_nlu:
-            self.error(self.uses_nlu[0], "intent/entity conditions need the flow's `nlu: CONNECTOR`")
+            self.error(self.uses_nlu[0], "intent/entity conditions need the flow's `nlu: CONNECTOR`", key=True)
         if start in states:
             self.reachability(states, always, start, on)
         return Flow(
@@ -306,8 +364,11 @@ class Compiler:
                 self.error(path, "a calendar is {timezone, mon-fri: HH:MM-HH:MM, holidays: [YYYY-MM-DD]}")
                 continue
             hours, problems = parse_hours(str(name), spec)
-            for key, message in problems:
-                self.error((*path, key), message)
+            for where, message in problems:
+                key, _, index = where.rpartition(".")
+                at = (*path, key, int(index)) if key and index.isdigit() else (*path, where)
+                # an unknown key is reported at the key, a bad value (or list item) at the value
+                self.error(at, message, key=message.startswith("unknown key"))
             if hours is not None:
                 out[str(name)] = hours
         return out
@@ -340,10 +401,9 @@ class Compiler:
         return out
 
     def fallback(self, raw: Any) -> Fallback | None:
-        if not isinstance(raw, dict) or "after" not in raw or "do" not in raw:
-            self.error(("fallback",), "fallback takes {after: N, do: [actions]}: after N turns not understood")
+        usage = "fallback takes {after: N, do: [actions]}: after N turns not understood"
+        if not self.shape(raw, ("fallback",), ("after", "do"), ("after", "do"), "fallback", usage):
             return None
-        self.known_keys(raw, ("fallback",), ("after", "do"), "fallback")
         after = raw["after"]
         if not isinstance(after, int) or isinstance(after, bool) or after < 1:
             self.error(("fallback", "after"), "after takes a whole number of turns, at least 1")
@@ -351,10 +411,9 @@ class Compiler:
         return Fallback(after, self.actions(raw["do"], ("fallback", "do")))
 
     def coalesce(self, raw: Any) -> Coalesce | None:
-        if not isinstance(raw, dict) or "window" not in raw:
-            self.error(("coalesce",), "coalesce takes {window: DURATION, cancel_inflight: true|false}")
+        usage = "coalesce takes {window: DURATION, cancel_inflight: true|false}"
+        if not self.shape(raw, ("coalesce",), ("window", "cancel_inflight"), ("window",), "coalesce", usage):
             return None
-        self.known_keys(raw, ("coalesce",), ("window", "cancel_inflight"), "coalesce")
         window = self.duration(raw["window"], ("coalesce", "window"), maximum=10)
         cancel = raw.get("cancel_inflight", False)
         if not isinstance(cancel, bool):
@@ -374,10 +433,8 @@ class Compiler:
         if "timeout" in raw:
             t = raw["timeout"]
             tpath = (*path, "timeout")
-            if not isinstance(t, dict) or "after" not in t or "do" not in t:
-                self.error(tpath, "timeout takes {after: DURATION, do: [actions]}")
-            else:
-                self.known_keys(t, tpath, ("after", "do"), "timeout")
+            usage = "timeout takes {after: DURATION, do: [actions]}"
+            if self.shape(t, tpath, ("after", "do"), ("after", "do"), "timeout", usage):
                 after = self.duration(t["after"], (*tpath, "after"))
                 if after is not None:
                     timeout = StateTimeout(after, self.actions(t["do"], (*tpath, "do")))
@@ -396,7 +453,7 @@ class Compiler:
             self.known_keys(item, rpath, ROUTE_KEYS, "route")
             when = self.condition(item["when"], (*rpath, "when")) if "when" in item else None
             if needs_nlu(when):
-                self.uses_nlu.append((*rpath, "when"))
+                self.uses_nlu.append(_nlu_key((*rpath, "when"), item["when"]))
             if "do" not in item:
                 self.error(rpath, "a route needs 'do', the actions to take")
             miss = item.get("miss", False)
@@ -486,7 +543,7 @@ class Compiler:
                 self.error(("states", name), f"state {name!r} is unreachable: no goto leads to it", key=True)
         leaves_anywhere = bool(always) or bool(global_targets)
         for name, state in states.items():
-            if leaves_anywhere or name == start:
-                continue
+            if leaves_anywhere or name == start or name not in seen or name in self.faulty:
+                continue  # an unreachable state is reported once, as unreachable
             if not (exits(state) - {name}):
                 self.error(("states", name), f"state {name!r} has no way out: no routes and no goto", key=True)

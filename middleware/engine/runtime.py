@@ -110,9 +110,17 @@ class Engine:
             event = str(message.payload.get("event", ""))
             if event == EVENT_TIMER:
                 if not ctx.handoff.timer(ctx, str(message.payload.get("name"))):
-                    await self._timer(ctx)
+                    if state.owner in (Owner.QUEUED, Owner.AGENT):
+                        # a state timeout or `expect` armed before the handoff: the bot stays silent
+                        ctx.trace.append(f"{message.payload.get('name')} timer while a human owns it: ignored")
+                    else:
+                        await self._timer(ctx)
                 else:
-                    await self._after_give_back(ctx, None)
+                    from middleware.handoff import TIMER_QUEUE
+
+                    # nobody came in the queue's time and the bot has it back: the flow's `on: handoff.timeout`
+                    queue_timeout = message.payload.get("name") == TIMER_QUEUE
+                    await self._after_give_back(ctx, "handoff.timeout" if queue_timeout else None)
                 return
             before = state.owner
             if ctx.handoff.event(ctx, event, message.payload):

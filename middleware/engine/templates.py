@@ -6,6 +6,7 @@ A template is compiled once when its flow loads; what a user sent reaches it onl
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from jinja2 import StrictUndefined, TemplateSyntaxError
@@ -50,5 +51,15 @@ def template_error(source: str) -> tuple[int, str] | None:
     try:
         _env.compile(source)  # not just parse: unknown filters and tests are found when compiling
     except TemplateSyntaxError as exc:
-        return (exc.lineno, exc.message or "template syntax error")
+        message = exc.message or "template syntax error"
+        unknown = _UNKNOWN.match(message)
+        if unknown is not None:  # "No filter named 'uppercase'." -> add the nearest one the sandbox has
+            from middleware.yamlfile import nearest
+
+            known = _env.filters if unknown.group(1) == "filter" else _env.tests
+            message = f"{message.rstrip('.')}{nearest(unknown.group(2), known)}"
+        return (exc.lineno, message)
     return None
+
+
+_UNKNOWN = re.compile(r"^No (filter|test) named '([^']+)'")

@@ -7,6 +7,7 @@ from middleware.platforms.chatwoot import ChatwootPlatform
 from middleware.platforms.console import ConsolePlatform
 from middleware.platforms.generic import GenericPlatform
 from middleware.platforms.matrix import MatrixPlatform
+from middleware.platforms.playground import PlaygroundPlatform
 from middleware.platforms.qiscus import QiscusPlatform
 from middleware.platforms.qiscus_multichannel import QiscusMultichannelPlatform
 from middleware.platforms.slack import SlackPlatform
@@ -23,6 +24,7 @@ PLATFORM_TYPES: dict[str, type[Platform]] = {
     "slack": SlackPlatform,
     "qiscus": QiscusPlatform,
     "qiscus_multichannel": QiscusMultichannelPlatform,
+    "playground": PlaygroundPlatform,
 }
 
 __all__ = [

@@ -15,8 +15,10 @@ name in `middleware/platforms/__init__.py`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
+import itertools
 import json
 import re
 from abc import ABC, abstractmethod
@@ -30,6 +32,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict
 
 from middleware.model import Inbound, Outgoing
+from middleware.ratelimit import RateLimit
 
 
 class PlatformConfig(BaseModel):
@@ -39,6 +42,8 @@ class PlatformConfig(BaseModel):
 
     type: str
     typing_delay: float | None = None
+    #: outbound limits; unset = the platform's documented default (`Platform.default_rate_limit`)
+    rate_limit: RateLimit | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,8 +111,19 @@ class Platform(ABC):
     supports_read: bool = False
     #: the platform has its own agent tools: `deliver` takes "handoff" and "release" items
     supports_handoff: bool = False
+    #: outbound limits when the config sets none: the platform's documented limits
+    default_rate_limit: ClassVar[RateLimit] = RateLimit()
+
+    @property
+    def rate_limit(self) -> RateLimit:
+        return self.config.rate_limit or self.default_rate_limit
+
     #: seconds a typing indicator stays on at the platform without a refresh
     typing_ttl: float = 5.0
+    #: HTTP methods its webhooks use; ingress answers any other with 405 before reading the body
+    methods: ClassVar[frozenset[str]] = frozenset({"POST"})
+    #: whether the platform calls sub-paths of its webhook URL (`/webhooks/{name}/...`); else they are 404
+    subpaths: ClassVar[bool] = False
 
     def __init__(self, name: str, config: PlatformConfig, http: httpx.AsyncClient) -> None:
         self.name = name
@@ -144,22 +160,39 @@ def signature_matches(secret: str, body: bytes, presented: str | None, prefix: s
 
 
 def decode_json(request: WebhookRequest) -> Any:
-    """The JSON body, with 415 for another content type and 400 for malformed JSON."""
+    """The JSON body, with 415 for another content type and 400 for malformed JSON (see `loads_json`)."""
     ctype = request.headers.get("content-type", "")
     if ctype.split(";", 1)[0].strip().lower() not in ("application/json", "") or not ctype:
         raise Rejected(415, f"expected Content-Type application/json, got {ctype or 'none'!r}")
+    return loads_json(request.body)
+
+
+#: how deeply JSON from outside may nest; platforms' webhooks stay under 15 levels
+MAX_JSON_DEPTH = 64
+
+
+def loads_json(raw: bytes | str) -> Any:
+    """JSON from outside (a webhook, a form field, an API body), or `Rejected` 400 naming the problem:
+    malformed JSON or not UTF-8, nested deeper than `MAX_JSON_DEPTH`, NaN or Infinity or a number past
+    float range (no peer can read them back), an integer of more than 4300 digits, or an unpaired UTF-16
+    surrogate (no database stores one)."""
+    body = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
     try:
-        data = json.loads(request.body)
+        data = json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
     except UnicodeDecodeError as exc:
         raise Rejected(400, "body is not UTF-8") from exc
     except json.JSONDecodeError as exc:
         raise Rejected(400, f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    except _NotJson as exc:
+        raise Rejected(400, f"malformed JSON: {exc}") from exc
     except RecursionError as exc:
-        raise Rejected(400, "JSON nested too deeply") from exc
+        raise Rejected(400, f"JSON nested too deeply: more than {MAX_JSON_DEPTH} levels") from exc
     except ValueError as exc:  # an integer longer than Python converts (4300 digits)
         raise Rejected(400, f"malformed JSON: {str(exc)[:80]}") from exc
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and json_depth(body, data) > MAX_JSON_DEPTH:
+        raise Rejected(400, f"JSON nested too deeply: more than {MAX_JSON_DEPTH} levels")
     # json.loads lets unpaired surrogates (\ud800 escapes, or raw with UTF-16/32) through; no database stores them
-    if _SURROGATE.search(request.body) or 0 in request.body[:4]:
+    if _SURROGATE.search(body) or 0 in body[:4]:
         try:
             json_bytes(data)
         except UnicodeEncodeError as exc:
@@ -167,7 +200,59 @@ def decode_json(request: WebhookRequest) -> Any:
     return data
 
 
+class _NotJson(ValueError):
+    pass
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotJson(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise _NotJson(f"number out of range: {text[:40]}")
+    return value
+
+
 _SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_STEP = [0] * 256
+_STEP[ord("[")] = _STEP[ord("{")] = 1
+_STEP[ord("]")] = _STEP[ord("}")] = -1
+
+
+def json_depth(body: bytes, data: Any) -> int:
+    """How deeply the (valid) JSON document `body`, parsed as `data`, nests: 1 for `{}`, 2 for `[{}]`."""
+    if json.detect_encoding(body) == "utf-8":
+        # brackets outside strings, counted at C speed: no Python work per node of a hostile document
+        brackets = _STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+        return max(itertools.accumulate(map(_STEP.__getitem__, brackets)), default=0)
+    depth, level = 0, [(data, 1)]
+    while level:
+        value, d = level.pop()
+        if isinstance(value, dict | list):
+            depth = max(depth, d)
+            level += [(v, d + 1) for v in (value.values() if isinstance(value, dict) else value)]
+    return depth
+
+
+def from_unix(value: Any, per_second: int = 1) -> datetime | None:
+    """A Unix time (in seconds, or in 1/`per_second` of a second) as an aware datetime; None for anything
+    else: a bool, a non-number, a string other than ASCII digits, 0 or less, or past the year 9999."""
+    if isinstance(value, str):
+        if not (value.isascii() and value.isdigit()) or len(value) > 20:
+            return None
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < _YEAR_10000 * per_second:
+        return None
+    with contextlib.suppress(ValueError, OverflowError, OSError):
+        return datetime.fromtimestamp(value / per_second, UTC)
+    return None
+
+
+_YEAR_10000 = 253_402_300_800
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -243,6 +328,31 @@ def response_object(response: httpx.Response) -> dict[str, Any]:
 def as_dict(value: Any) -> dict[str, Any]:
     """`value` if it is a JSON object, else {} (for optional nested objects in webhooks)."""
     return value if isinstance(value, dict) else {}
+
+
+#: the longest id (of a message, a conversation, a sender) the store takes
+MAX_ID_LENGTH = 256
+
+
+def id_problem(value: str) -> str | None:
+    """Why `value` cannot be a message, conversation or sender id in the store; None if it can."""
+    if not value:
+        return "is empty"
+    if len(value) > MAX_ID_LENGTH:
+        return f"is longer than {MAX_ID_LENGTH} characters"
+    if "\x00" in value:  # PostgreSQL cannot store NUL in a text column
+        return "contains a NUL character"
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return "contains an unpaired UTF-16 surrogate"
+    return None
+
+
+def as_list(value: Any) -> list[Any]:
+    """`value` if it is a JSON array, else [] (for optional arrays in webhooks)."""
+    return value if isinstance(value, list) else []
 
 
 def as_text(value: Any) -> str | None:

@@ -30,6 +30,7 @@ from middleware.platforms.base import (
     Rejected,
     WebhookRequest,
     decode_json,
+    from_unix,
     post_json,
     signature_matches,
 )
@@ -160,11 +161,9 @@ class ChatwootPlatform(Platform):
         stamp = request.headers.get(TIMESTAMP_HEADER.lower())
         if not signature or not stamp:
             raise Rejected(401, f"missing {SIGNATURE_HEADER} or {TIMESTAMP_HEADER} header")
-        try:
-            sent_at = int(stamp.strip())
-        except ValueError as exc:
-            raise Rejected(401, f"bad {TIMESTAMP_HEADER}") from exc
-        if abs(time.time() - sent_at) > self.config.signature_tolerance:
+        if not (stamp.strip().isascii() and stamp.strip().isdigit()) or len(stamp.strip()) > 12:
+            raise Rejected(401, f"bad {TIMESTAMP_HEADER}")  # int() would take "١٢٣", "1_0" and 10**5000
+        if abs(time.time() - int(stamp.strip())) > self.config.signature_tolerance:
             raise Rejected(401, f"{TIMESTAMP_HEADER} is outside the allowed window (replayed or clock skew)")
         # The signed string is "{timestamp}.{raw body}", not the body alone (https://github.com/chatwoot/chatwoot/pull/13573).
         signed = stamp.strip().encode() + b"." + request.body
@@ -179,10 +178,10 @@ class ChatwootPlatform(Platform):
             return _ignored("not a contact's message (outgoing, note, template or activity)")
         conversation = _obj(data, "conversation")
         status = conversation.get("status")
-        if status is not None and status not in BOT_STATUSES:
+        if _human_owns(status):
             # A human owns the conversation (open, snoozed) or it is closed: Chatwoot shows the message
             # to the agent, and the bot stays silent, as Chatwoot's own bots do.
-            return _ignored(f"conversation is {status!r}: a human owns it")
+            return _ignored(f"conversation is {str(status)[:40]!r}: a human owns it")
         conv_id = _id(conversation, "id", "conversation.")
         message_id = _id(data, "id", "")
         text = data.get("content")
@@ -223,8 +222,8 @@ class ChatwootPlatform(Platform):
             raise Rejected(400, "content_attributes.submitted_values[0].value is required", "content_attributes")
         conversation = _obj(data, "conversation")
         status = conversation.get("status")
-        if status is not None and status not in BOT_STATUSES:
-            return _ignored(f"conversation is {status!r}: a human owns it")
+        if _human_owns(status):
+            return _ignored(f"conversation is {str(status)[:40]!r}: a human owns it")
         conv_id = _id(conversation, "id", "conversation.")
         value = str(choice["value"])
         title = choice.get("title")
@@ -255,8 +254,8 @@ class ChatwootPlatform(Platform):
         else:
             conversation, contact = data, None
         status = conversation.get("status")
-        if status is not None and status not in BOT_STATUSES:
-            return _ignored(f"conversation is {status!r}: a human owns it")
+        if _human_owns(status):
+            return _ignored(f"conversation is {str(status)[:40]!r}: a human owns it")
         conv_id = _id(conversation, "id", "conversation." if event == "webwidget_triggered" else "")
         return Parsed(
             [
@@ -378,6 +377,11 @@ _HINTS = {
 }
 
 
+def _human_owns(status: Any) -> bool:
+    """The conversation's status says a human owns it (or is not one the bot answers in)."""
+    return status is not None and (not isinstance(status, str) or status not in BOT_STATUSES)
+
+
 def _ignored(reason: str) -> Parsed:
     return Parsed([], {"accepted": 0, "duplicates": 0, "ignored": reason})
 
@@ -463,7 +467,7 @@ def _previous_status(data: dict[str, Any]) -> Any:
 def _time(value: Any) -> datetime | None:
     """Chatwoot sends ISO 8601 ("2021-07-23T18:02:48.000Z"), "2020-03-03 13:05:57 UTC", or unix seconds."""
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return datetime.fromtimestamp(value, UTC)
+        return from_unix(value)
     if not isinstance(value, str) or not value:
         return None
     text = value.strip()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from middleware.model import Inbound, Outgoing, Sender
 from middleware.platforms.base import Parsed, Platform, PlatformConfig, Rejected, WebhookRequest
@@ -25,6 +25,7 @@ class ConsolePlatform(Platform):
     config: ConsoleConfig
     supports_typing = True
     supports_read = False
+    methods: ClassVar[frozenset[str]] = frozenset()  # no webhooks at all
 
     def __init__(self, name: str, config: PlatformConfig, http: Any) -> None:
         super().__init__(name, config, http)

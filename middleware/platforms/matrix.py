@@ -5,7 +5,6 @@ from __future__ import annotations
 import hmac
 import html
 import re
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -22,6 +21,8 @@ from middleware.platforms.base import (
     WebhookRequest,
     check_status,
     decode_json,
+    from_unix,
+    id_problem,
     json_bytes,
     retry_after_seconds,
 )
@@ -88,6 +89,9 @@ class MatrixPlatform(Platform):
     config: MatrixConfig
     supports_typing = True
     supports_read = True
+    #: the homeserver PUTs transactions and GETs user/room queries under the webhook URL
+    methods = frozenset({"GET", "POST", "PUT"})
+    subpaths = True
 
     def __init__(self, name: str, config: PlatformConfig, http: httpx.AsyncClient) -> None:
         super().__init__(name, config, http)
@@ -151,6 +155,8 @@ class MatrixPlatform(Platform):
         event_id, room_id, sender = event.get("event_id"), event.get("room_id"), event.get("sender")
         if not (isinstance(event_id, str) and isinstance(room_id, str) and isinstance(sender, str)):
             return None
+        if any(id_problem(x) for x in (event_id, room_id, sender)):
+            return None  # not ids a homeserver makes (at most 255 bytes); skipped, as a refusal holds every later event
         if sender == self.config.bot_user_id or "state_key" in event:
             return None  # our own echo, memberships and other state
         content = event.get("content")
@@ -204,7 +210,7 @@ class MatrixPlatform(Platform):
             text=text,
             payload=payload,
             attachments=attachments,
-            timestamp=datetime.fromtimestamp(ts / 1000, UTC) if isinstance(ts, int) and ts > 0 else None,
+            timestamp=from_unix(ts, 1000) if isinstance(ts, int) else None,
         )
 
     async def deliver(self, item: Outgoing, idempotency_key: str) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import ssl
 import uuid
@@ -34,6 +33,8 @@ from middleware.platforms.base import (
     WebhookRequest,
     check_status,
     decode_json,
+    from_unix,
+    loads_json,
     post_json,
     signature_matches,
 )
@@ -298,8 +299,8 @@ def room_options(room: dict[str, Any]) -> dict[str, Any]:
     options = room.get("options")
     if isinstance(options, str) and options:
         try:
-            options = json.loads(options)
-        except ValueError:
+            options = loads_json(options)
+        except Rejected:
             return {}
     return options if isinstance(options, dict) else {}
 
@@ -372,12 +373,7 @@ def _timestamp(message: dict[str, Any]) -> datetime | None:
             parsed = datetime.fromisoformat(raw.replace("Z", "+00:00"))
             return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     unix = message.get("unix_timestamp")
-    if isinstance(unix, str) and unix.isdigit():
-        unix = int(unix)
-    if isinstance(unix, int) and not isinstance(unix, bool) and unix > 0:
-        with contextlib.suppress(ValueError, OverflowError, OSError):
-            return datetime.fromtimestamp(unix, UTC)
-    return None
+    return from_unix(unix) if isinstance(unix, str | int) else None
 
 
 @dataclass(frozen=True, slots=True)

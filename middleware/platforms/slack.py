@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import time
 from datetime import UTC, datetime
@@ -22,12 +21,15 @@ from middleware.platforms.base import (
     Rejected,
     WebhookRequest,
     as_dict,
+    as_list,
     as_text,
     decode_json,
     json_bytes,
+    loads_json,
     response_object,
     retry_after_seconds,
 )
+from middleware.ratelimit import RateLimit
 
 log = logging.getLogger("switchboard.platforms.slack")
 
@@ -73,6 +75,10 @@ class SlackPlatform(Platform):
     and no read receipts.
     """
 
+    # chat.postMessage: "1 message per second per channel", short bursts allowed
+    # (https://api.slack.com/methods/chat.postMessage#rate_limiting)
+    default_rate_limit = RateLimit(conversation_per_second=1, conversation_burst=3)
+
     Config = SlackConfig
     config: SlackConfig
     supports_typing = False
@@ -114,11 +120,9 @@ class SlackPlatform(Platform):
         stamp = request.headers.get(TIMESTAMP_HEADER.lower())
         if not presented or not stamp:
             raise Rejected(401, f"missing {SIGNATURE_HEADER} or {TIMESTAMP_HEADER} header")
-        try:
-            age = abs(time.time() - int(stamp))
-        except ValueError as exc:
-            raise Rejected(401, f"{TIMESTAMP_HEADER} is not a Unix time") from exc
-        if age > REPLAY_WINDOW:
+        if not (stamp.isascii() and stamp.isdigit()) or len(stamp) > 12:  # int() takes "١٢٣", "1_0" and 10**5000
+            raise Rejected(401, f"{TIMESTAMP_HEADER} is not a Unix time")
+        if abs(time.time() - int(stamp)) > REPLAY_WINDOW:
             raise Rejected(401, f"{TIMESTAMP_HEADER} is more than 5 minutes off: a replayed request, or a skewed clock")
         base = b"v0:" + stamp.encode() + b":" + request.body
         expected = "v0=" + hmac.new(self.config.signing_secret.encode(), base, hashlib.sha256).hexdigest()
@@ -128,7 +132,7 @@ class SlackPlatform(Platform):
     def _bot_user(self, envelope: dict[str, Any]) -> str | None:
         if self.config.bot_user_id:
             return self.config.bot_user_id
-        for auth in envelope.get("authorizations") or ():
+        for auth in as_list(envelope.get("authorizations")):
             if isinstance(auth, dict) and auth.get("is_bot") and isinstance(auth.get("user_id"), str):
                 return str(auth["user_id"])
         return None
@@ -137,7 +141,7 @@ class SlackPlatform(Platform):
         if event.get("type") not in ("message", "app_mention"):
             return None
         subtype = event.get("subtype")
-        if subtype is not None and subtype not in USER_SUBTYPES:
+        if subtype is not None and (not isinstance(subtype, str) or subtype not in USER_SUBTYPES):
             return None
         bot_user = self._bot_user(envelope)
         user = event.get("user")
@@ -154,7 +158,7 @@ class SlackPlatform(Platform):
                 str(f["url_private"]),
                 f.get("name") if isinstance(f.get("name"), str) else None,
             )
-            for f in event.get("files") or ()
+            for f in as_list(event.get("files"))
             if isinstance(f, dict) and isinstance(f.get("url_private"), str)
         )
         mtype: MessageType = ("image" if attachments[0].type == "image" else "file") if attachments else "text"
@@ -176,10 +180,13 @@ class SlackPlatform(Platform):
         # Interactivity requests are forms with one `payload` field holding JSON
         # (https://docs.slack.dev/interactivity/handling-user-interaction); Slack wants an empty 200 within 3 s.
         try:
-            raw = parse_qs(body.decode(), strict_parsing=False).get("payload", [""])[0]
-            payload = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raw = parse_qs(body.decode(), strict_parsing=False, max_num_fields=100).get("payload", [""])[0]
+        except (UnicodeDecodeError, ValueError) as exc:
             raise Rejected(400, "interactivity request without a JSON payload field", "payload") from exc
+        try:
+            payload = loads_json(raw)
+        except Rejected as exc:
+            raise Rejected(400, f"interactivity payload: {exc.message}", "payload") from exc
         if not isinstance(payload, dict) or payload.get("type") != "block_actions":
             return Parsed([], response="")  # shortcuts, modals and the rest are not messages
         user = as_dict(payload.get("user"))
@@ -188,7 +195,7 @@ class SlackPlatform(Platform):
         message = as_dict(payload.get("message"))
         channel = channel_obj.get("id") or container.get("channel_id")
         action = next(
-            (a for a in payload.get("actions") or () if isinstance(a, dict) and a.get("type") == "button"), None
+            (a for a in as_list(payload.get("actions")) if isinstance(a, dict) and a.get("type") == "button"), None
         )
         if action is None or not isinstance(channel, str) or not isinstance(user.get("id"), str):
             return Parsed([], response="")  # selects, date pickers, or a click outside a channel message

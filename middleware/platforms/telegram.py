@@ -5,7 +5,6 @@ from __future__ import annotations
 import hmac
 import logging
 import re
-from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -22,10 +21,12 @@ from middleware.platforms.base import (
     as_dict,
     as_text,
     decode_json,
+    from_unix,
     json_bytes,
     response_object,
     retry_after_seconds,
 )
+from middleware.ratelimit import RateLimit
 
 log = logging.getLogger("switchboard.platforms.telegram")
 
@@ -80,6 +81,9 @@ class TelegramPlatform(Platform):
     """
 
     Config = TelegramConfig
+    # "avoid sending more than one message per second" in a chat, "not more than 30 messages per
+    # second" in bulk (https://core.telegram.org/bots/faq#my-bot-is-hitting-limits-how-do-i-avoid-this)
+    default_rate_limit = RateLimit(per_second=30, burst=30, conversation_per_second=1, conversation_burst=3)
     config: TelegramConfig
     supports_typing = True
     supports_read = False
@@ -177,7 +181,7 @@ class TelegramPlatform(Platform):
             text=text,
             payload=payload,
             attachments=tuple(attachments),
-            timestamp=_timestamp(msg.get("date")),
+            timestamp=from_unix(msg.get("date")),
         )
 
     def _callback(self, query: dict[str, Any]) -> Parsed:
@@ -327,12 +331,6 @@ def _sender(user: dict[str, Any]) -> Sender:
     name = " ".join(n for n in (as_text(user.get("first_name")), as_text(user.get("last_name"))) if n) or None
     attributes: dict[str, Any] = {k: user[k] for k in ("username", "language_code", "is_bot") if k in user}
     return Sender(str(user.get("id")), name, attributes)
-
-
-def _timestamp(value: Any) -> datetime | None:
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return datetime.fromtimestamp(value, UTC)
-    return None
 
 
 def _obj(parent: dict[str, Any], key: str, at: str) -> dict[str, Any]:

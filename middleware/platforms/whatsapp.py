@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -19,13 +18,16 @@ from middleware.platforms.base import (
     Rejected,
     WebhookRequest,
     as_dict,
+    as_list,
     as_text,
     decode_json,
+    from_unix,
     json_bytes,
     response_object,
     retry_after_seconds,
     signature_matches,
 )
+from middleware.ratelimit import RateLimit
 
 log = logging.getLogger("switchboard.platforms.whatsapp")
 
@@ -82,9 +84,14 @@ class WhatsAppPlatform(Platform):
     """
 
     Config = WhatsAppConfig
+    # 80 messages/s per business number by default; a pair rate of about one message every 6 s to
+    # one user, error 131056 (https://developers.facebook.com/documentation/business-messaging/whatsapp/throughput)
+    default_rate_limit = RateLimit(per_second=80, burst=80, conversation_per_second=1 / 6, conversation_burst=5)
     config: WhatsAppConfig
     supports_typing = True
     supports_read = True
+    #: the subscription handshake is a GET on the same URL
+    methods = frozenset({"GET", "POST"})
     # "dismissed once you respond, or after 25 seconds"
     # (https://developers.facebook.com/documentation/business-messaging/whatsapp/typing-indicators/)
     typing_ttl = 25.0
@@ -141,9 +148,9 @@ class WhatsAppPlatform(Platform):
     def _value(self, value: dict[str, Any], at: str) -> list[Inbound]:
         metadata = as_dict(value.get("metadata"))
         phone_number_id = str(metadata.get("phone_number_id") or self.config.phone_number_id)
-        for status in value.get("statuses") or ():
+        for status in as_list(value.get("statuses")):
             if isinstance(status, dict) and status.get("status") == "failed":
-                for error in [as_dict(e) for e in status.get("errors") or [{}]]:
+                for error in [as_dict(e) for e in as_list(status.get("errors")) or [{}]]:
                     log.warning(
                         "whatsapp message failed",
                         extra={
@@ -154,7 +161,7 @@ class WhatsAppPlatform(Platform):
                             "details": as_dict(error.get("error_data")).get("details"),
                         },
                     )
-        for error in value.get("errors") or ():
+        for error in as_list(value.get("errors")):
             if isinstance(error, dict):
                 log.warning(
                     "whatsapp webhook error",
@@ -164,9 +171,11 @@ class WhatsAppPlatform(Platform):
                         "error": error.get("title") or error.get("message"),
                     },
                 )
-        contacts = [c for c in value.get("contacts") or () if isinstance(c, dict)]
+        contacts = [c for c in as_list(value.get("contacts")) if isinstance(c, dict)]
         out = []
-        for k, msg in enumerate(value.get("messages") or ()):
+        if value.get("messages") is not None and not isinstance(value["messages"], list):
+            raise Rejected(400, "messages must be an array", f"{at}messages")
+        for k, msg in enumerate(as_list(value.get("messages"))):
             if not isinstance(msg, dict):
                 raise Rejected(400, "messages[] must be objects", f"{at}messages[{k}]")
             inbound = self._message(msg, contacts, phone_number_id, f"{at}messages[{k}].")
@@ -251,7 +260,7 @@ class WhatsAppPlatform(Platform):
             text=text,
             payload=payload,
             attachments=attachments,
-            timestamp=_timestamp(msg.get("timestamp")),
+            timestamp=from_unix(msg.get("timestamp")),
             channel=phone_number_id,
         )
 
@@ -350,9 +359,3 @@ def _message_body(reply: Reply, list_button: str) -> dict[str, Any] | None:
         log.warning("reply of %d characters cut to WhatsApp's %d", len(plain), MAX_TEXT)
         plain = plain[: MAX_TEXT - 1] + "…"
     return {"type": "text", "text": {"body": plain, "preview_url": "://" in plain}}
-
-
-def _timestamp(value: Any) -> datetime | None:
-    if isinstance(value, str) and value.isdigit():
-        return datetime.fromtimestamp(int(value), UTC)
-    return None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hmac
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -12,13 +11,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from middleware.agents import queue_summary, submit_agent_event
 from middleware.handoff import AGENT_EVENTS
-from middleware.model import Inbound, Owner, Sender
+from middleware.model import Owner
+from middleware.platforms.base import Rejected
 from middleware.services import Services
+from middleware.web.body import read_json, refused
 
 Handler = Callable[[Request, Services], Awaitable[Response]]
 
 _UNAUTHORIZED = {"401": {"description": "no or bad bearer token"}}
+#: a string parameter: any text but NUL (PostgreSQL stores and compares none)
+_TEXT = {"type": "string", "pattern": "^[^\\x00]*$"}
 
 OPENAPI: dict[str, Any] = {
     "openapi": "3.1.0",
@@ -26,6 +30,12 @@ OPENAPI: dict[str, Any] = {
     "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
     "security": [{"bearer": []}],
     "paths": {
+        "/api/v1/connectors": {
+            "get": {
+                "summary": "Connectors: type, circuit breaker state, calls, errors by kind (total and recent).",
+                "responses": {"200": {"description": "connectors"}, **_UNAUTHORIZED},
+            }
+        },
         "/api/v1/status": {
             "get": {
                 "summary": "Node identity, backlog, outbox counts, flows and platforms.",
@@ -37,11 +47,11 @@ OPENAPI: dict[str, Any] = {
                 "summary": "Dead letters: outbox rows a platform refused or that ran out of retries, newest first.",
                 "parameters": [
                     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
-                    {"name": "platform", "in": "query", "schema": {"type": "string"}},
+                    {"name": "platform", "in": "query", "schema": _TEXT},
                 ],
                 "responses": {
                     "200": {"description": "dead letters"},
-                    "400": {"description": "bad limit"},
+                    "400": {"description": "bad limit, NUL in a parameter, or an unknown parameter"},
                     **_UNAUTHORIZED,
                 },
             }
@@ -49,7 +59,14 @@ OPENAPI: dict[str, Any] = {
         "/api/v1/outbox/{id}/redeliver": {
             "post": {
                 "summary": "Put a dead letter back in line; it keeps its Idempotency-Key.",
-                "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}],
+                "parameters": [
+                    {
+                        "name": "id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+                    }
+                ],
                 "responses": {
                     "200": {"description": "requeued"},
                     "404": {"description": "no such dead letter"},
@@ -77,13 +94,13 @@ OPENAPI: dict[str, Any] = {
             "get": {
                 "summary": "Conversations by owner (bot, queued, agent, resolved) and queue, longest waiting first.",
                 "parameters": [
-                    {"name": "owner", "in": "query", "schema": {"type": "string"}},
-                    {"name": "queue", "in": "query", "schema": {"type": "string"}},
+                    {"name": "owner", "in": "query", "schema": {"type": "string", "enum": [o.value for o in Owner]}},
+                    {"name": "queue", "in": "query", "schema": _TEXT},
                     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
                 ],
                 "responses": {
                     "200": {"description": "conversations"},
-                    "400": {"description": "bad filter"},
+                    "400": {"description": "bad filter, NUL in a parameter, or an unknown parameter"},
                     **_UNAUTHORIZED,
                 },
             }
@@ -92,7 +109,9 @@ OPENAPI: dict[str, Any] = {
             "post": {
                 "summary": "An agent-side event: message, assigned, resolved, released, transfer, note. "
                 "Give an id to make retries safe.",
-                "parameters": [{"name": "key", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "parameters": [
+                    {"name": "key", "in": "path", "required": True, "schema": _TEXT, "example": "myapp:c-1"}
+                ],
                 "requestBody": {
                     "required": True,
                     "content": {
@@ -105,12 +124,17 @@ OPENAPI: dict[str, Any] = {
                                         "type": "string",
                                         "enum": ["message", "assigned", "resolved", "released", "transfer", "note"],
                                     },
-                                    "agent": {"type": "string"},
-                                    "text": {"type": "string", "maxLength": 10000},
-                                    "queue": {"type": "string"},
-                                    "reason": {"type": "string"},
-                                    "id": {"type": "string"},
+                                    # NUL is refused in every field (PostgreSQL stores none)
+                                    "agent": {"type": "string", "maxLength": 200, "pattern": "^[^\\x00]*$"},
+                                    "text": {"type": "string", "maxLength": 10000, "pattern": "^[^\\x00]*$"},
+                                    "queue": {"type": "string", "maxLength": 128, "pattern": "^[^\\x00]*$"},
+                                    "reason": {"type": "string", "maxLength": 500, "pattern": "^[^\\x00]*$"},
+                                    "id": {"type": "string", "maxLength": 200, "pattern": "^[^\\x00]*$"},
                                 },
+                                "additionalProperties": True,
+                                # a message or a note says something
+                                "if": {"properties": {"event": {"enum": ["message", "note"]}}},
+                                "then": {"required": ["text"], "properties": {"text": {"minLength": 1}}},
                             }
                         }
                     },
@@ -118,8 +142,10 @@ OPENAPI: dict[str, Any] = {
                 "responses": {
                     "202": {"description": "accepted; applied in the conversation's order"},
                     "200": {"description": "a duplicate of an earlier id"},
-                    "400": {"description": "bad event"},
+                    "400": {"description": "bad event: not a JSON object, a missing or mistyped field"},
                     "404": {"description": "unknown conversation"},
+                    "413": {"description": "body larger than 64 KiB"},
+                    "415": {"description": "Content-Type is not application/json"},
                     **_UNAUTHORIZED,
                 },
             }
@@ -127,7 +153,9 @@ OPENAPI: dict[str, Any] = {
         "/api/v1/conversations/{key}": {
             "get": {
                 "summary": "A conversation (key is platform:conversation_id): state, lease, messages, outbox.",
-                "parameters": [{"name": "key", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "parameters": [
+                    {"name": "key", "in": "path", "required": True, "schema": _TEXT, "example": "myapp:c-1"}
+                ],
                 "responses": {
                     "200": {"description": "the conversation"},
                     "404": {"description": "unknown conversation"},
@@ -137,6 +165,10 @@ OPENAPI: dict[str, Any] = {
         },
     },
 }
+
+for _item in OPENAPI["paths"].values():
+    for _operation in _item.values():
+        _operation["responses"].setdefault("400", {"description": "an unknown query parameter"})
 
 
 class AdminApi:
@@ -149,16 +181,21 @@ class AdminApi:
         return [
             Route("/api/v1/openapi.json", self.openapi, methods=["GET"]),
             Route("/api/v1/status", self.guard(status), methods=["GET"]),
-            Route("/api/v1/outbox/dead", self.guard(dead_letters), methods=["GET"]),
+            Route("/api/v1/outbox/dead", self.guard(dead_letters, query=("limit", "platform")), methods=["GET"]),
             Route("/api/v1/outbox/{id:int}/redeliver", self.guard(redeliver), methods=["POST"]),
             Route("/api/v1/queues", self.guard(queues), methods=["GET"]),
-            Route("/api/v1/conversations", self.guard(conversations), methods=["GET"]),
+            Route("/api/v1/connectors", self.guard(connectors), methods=["GET"]),
+            Route(
+                "/api/v1/conversations", self.guard(conversations, query=("owner", "queue", "limit")), methods=["GET"]
+            ),
             Route("/api/v1/conversations/{key:path}/events", self.guard(conversation_event), methods=["POST"]),
             Route("/api/v1/conversations/{key:path}", self.guard(conversation), methods=["GET"]),
             Route("/api/v1/flows/reload", self.guard(reload_flows), methods=["POST"]),
         ]
 
-    def guard(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    def guard(self, handler: Handler, query: tuple[str, ...] = ()) -> Callable[[Request], Awaitable[Response]]:
+        """`handler` behind the bearer token (compared in constant time), taking only the `query` parameters."""
+
         async def guarded(request: Request) -> Response:
             if self.token is None:
                 return JSONResponse({"error": "admin API disabled: set admin.token in the config"}, status_code=401)
@@ -167,6 +204,13 @@ class AdminApi:
                 return JSONResponse(
                     {"error": "missing or bad bearer token"}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
                 )
+            for name, param in request.query_params.multi_items():
+                if name not in query:
+                    return _bad(f"unknown query parameter {name[:40]!r}", name[:40])
+                if "\x00" in param:  # PostgreSQL cannot compare with a NUL
+                    return _bad(f"{name} must not contain NUL characters", name)
+            if "\x00" in str(request.path_params.get("key", "")):
+                return JSONResponse({"error": "no such conversation"}, status_code=404)
             return await handler(request, request.app.state.services)
 
         return guarded
@@ -188,9 +232,18 @@ async def status(request: Request, s: Services) -> Response:
     )
 
 
+def _bad(error: str, field: str) -> JSONResponse:
+    return JSONResponse({"error": error, "field": field}, status_code=400)
+
+
+def _limit_ok(raw: str) -> bool:
+    # isdigit() alone takes "²" and 5000 digits, which int() refuses
+    return raw.isascii() and raw.isdigit() and len(raw) <= 4 and 1 <= int(raw) <= 1000
+
+
 async def dead_letters(request: Request, s: Services) -> Response:
     raw = request.query_params.get("limit", "100")
-    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+    if not _limit_ok(raw):
         return JSONResponse({"error": "limit must be an integer from 1 to 1000", "field": "limit"}, status_code=400)
     rows = await s.store.dead_letters(int(raw), request.query_params.get("platform"))
     return JSONResponse({"dead": rows})
@@ -198,6 +251,8 @@ async def dead_letters(request: Request, s: Services) -> Response:
 
 async def redeliver(request: Request, s: Services) -> Response:
     outbox_id = request.path_params["id"]
+    if outbox_id > 2**63 - 1:  # past a 64-bit row id: no such row
+        return JSONResponse({"error": f"no dead letter with id {outbox_id}"}, status_code=404)
     key = await s.store.redeliver(outbox_id)
     if key is None:
         return JSONResponse({"error": f"no dead letter with id {outbox_id}"}, status_code=404)
@@ -216,20 +271,7 @@ async def reload_flows(request: Request, s: Services) -> Response:
 
 
 async def queues(request: Request, s: Services) -> Response:
-    counts = {row["queue"]: row for row in await s.store.queue_counts()}
-    now = time.time()
-    out = []
-    for name, queue in s.settings.handoff.queues.items():
-        row = counts.pop(name, {"queue": name, "waiting": 0, "with_agent": 0})
-        since = row.pop("oldest_waiting_since", None)
-        row["longest_wait_seconds"] = round(now - since, 1) if since else 0.0
-        row.update({"capacity": queue.capacity, "priority": queue.priority, "skills": list(queue.skills)})
-        out.append(row)
-    for row in counts.values():  # conversations in queues no longer in the config
-        since = row.pop("oldest_waiting_since", None)
-        row["longest_wait_seconds"] = round(now - since, 1) if since else 0.0
-        out.append(row)
-    return JSONResponse({"queues": out})
+    return JSONResponse({"queues": await queue_summary(s)})
 
 
 async def conversations(request: Request, s: Services) -> Response:
@@ -238,7 +280,7 @@ async def conversations(request: Request, s: Services) -> Response:
     if owner is not None and owner not in valid:
         return JSONResponse({"error": f"owner must be one of {', '.join(valid)}", "field": "owner"}, status_code=400)
     raw = request.query_params.get("limit", "200")
-    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+    if not _limit_ok(raw):
         return JSONResponse({"error": "limit must be an integer from 1 to 1000", "field": "limit"}, status_code=400)
     rows = await s.store.conversations(owner, request.query_params.get("queue"), int(raw))
     return JSONResponse({"conversations": rows})
@@ -248,40 +290,41 @@ async def conversation_event(request: Request, s: Services) -> Response:
     """An agent-side event: a message to the user, assign, resolve, release, transfer, a note."""
     key = request.path_params["key"]
     try:
-        body = await request.json()
-    except (ValueError, UnicodeDecodeError):
-        return JSONResponse({"error": "body must be JSON"}, status_code=400)
+        body = await read_json(request)
+    except Rejected as exc:
+        return refused(exc)
     if not isinstance(body, dict):
         return JSONResponse({"error": "body must be a JSON object"}, status_code=400)
     names = {e.removeprefix("agent."): e for e in AGENT_EVENTS}
     event = body.get("event")
-    if event not in names:
+    if not isinstance(event, str) or event not in names:
         return JSONResponse(
             {"error": f"event must be one of {', '.join(sorted(names))}", "field": "event"}, status_code=400
         )
-    for field in ("agent", "text", "queue", "reason", "id"):
-        if field in body and not isinstance(body[field], str):
-            return JSONResponse({"error": f"{field} must be a string", "field": field}, status_code=400)
+    # the lengths of the store's columns (ownership.actor, conversation.queue, ...): longer would fail there
+    for field, longest in (("agent", 200), ("text", 10_000), ("queue", 128), ("reason", 500), ("id", 200)):
+        if field not in body:
+            continue
+        if not isinstance(body[field], str):
+            return _bad(f"{field} must be a string", field)
+        if len(body[field]) > longest:
+            return _bad(f"{field} is longer than {longest} characters", field)
+        if "\x00" in body[field]:
+            return _bad(f"{field} must not contain NUL characters", field)
     if event in ("message", "note") and not body.get("text"):
         return JSONResponse({"error": f"{event} needs a text", "field": "text"}, status_code=400)
-    if len(body.get("text", "")) > 10_000:
-        return JSONResponse({"error": "text is longer than 10000 characters", "field": "text"}, status_code=400)
     if not await s.store.conversation_exists(key):
         return JSONResponse({"error": "no such conversation"}, status_code=404)
-    platform, _, conversation_id = key.partition(":")
-    agent = body.get("agent") or "admin"
-    payload = {k: body[k] for k in ("text", "queue", "reason") if k in body}
-    message = Inbound(
-        platform=platform,
-        message_id=f"agent:{body.get('id') or uuid.uuid4().hex}",
-        conversation_id=conversation_id,
-        sender=Sender(agent, agent, {"role": "agent"}),
-        type="event",
-        payload={"event": names[event], "agent": agent, **payload},
+    new = await submit_agent_event(
+        s,
+        key,
+        names[event],
+        body.get("agent") or "admin",
+        text=body.get("text"),
+        queue=body.get("queue"),
+        reason=body.get("reason"),
+        event_id=body.get("id") or None,
     )
-    (new,) = await s.store.accept([message])
-    if new:
-        s.dispatcher.notify(key)
     return JSONResponse({"accepted": new, "duplicate": not new}, status_code=202 if new else 200)
 
 
@@ -290,3 +333,21 @@ async def conversation(request: Request, s: Services) -> Response:
     if found is None:
         return JSONResponse({"error": "no such conversation"}, status_code=404)
     return JSONResponse(found)
+
+
+async def connectors(request: Request, s: Services) -> Response:
+    out = []
+    for name, connector in sorted(s.engine.resources.connectors.items()):
+        cfg = connector.config
+        health = getattr(connector, "health", None)
+        out.append(
+            {
+                "name": name,
+                "type": cfg.type,
+                "class": f"{type(connector).__module__}.{type(connector).__qualname__}",
+                "timeout": cfg.timeout,
+                # connectors built on connectors.resilience.HttpConnector report their guard's numbers
+                **(health() if callable(health) else {"breaker": None}),
+            }
+        )
+    return JSONResponse({"connectors": out})

@@ -9,6 +9,7 @@ honours idempotency keys would.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -100,14 +101,12 @@ class FakePlatform:
     def typing(self, conversation_id: str) -> list[Call]:
         return [c for c in self.calls if c.path == "/typing" and c.body["conversation_id"] == conversation_id]
 
-    async def wait_for(self, predicate: Any, timeout: float = 30.0) -> None:
+    async def wait_for(self, predicate: Any, timeout: float = 30.0) -> None:  # noqa: ASYNC109 (a test helper's bound)
         deadline = time.monotonic() + timeout
         while not predicate():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise AssertionError(f"timed out after {timeout}s waiting for the fake platform")
             self.changed.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), min(remaining, 0.5))
-            except TimeoutError:
-                pass
