@@ -10,9 +10,17 @@ import importlib
 
 from connectors.base import Connector, ConnectorConfig
 from connectors.canned import CannedConnector
+from connectors.dialogflow import DialogflowConnector
+from connectors.http import HttpBotConnector
+from connectors.llm import LlmConnector
+from connectors.rasa import RasaConnector
 
 CONNECTOR_TYPES: dict[str, type[Connector]] = {
     "canned": CannedConnector,
+    "dialogflow": DialogflowConnector,
+    "http": HttpBotConnector,
+    "llm": LlmConnector,
+    "rasa": RasaConnector,
 }
 
 

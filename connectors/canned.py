@@ -13,6 +13,8 @@ connectors:
         handoff: tier1
       - when: {equals: crash}
         fail: unavailable                   # timeout | unavailable | auth | bad_response
+      - when: {contains: refund, call: ask} # only the flow's `ask`, not the NLU call before routing
+        fail: timeout                       # (`call: parse`: only that one); omitted = both
       - replies: ["Sorry, I did not get that."]
         intent: {name: nlu_fallback, confidence: 0.3}
 ```
@@ -53,6 +55,8 @@ class CannedWhen(BaseModel):
     equals: str | None = None
     contains: str | None = None
     matches: str | None = None
+    #: only this kind of call: `parse` (the flow's `nlu:` before routing) or `ask`; omitted = both
+    call: Literal["parse", "ask"] | None = None
 
     @field_validator("matches")
     @classmethod
@@ -106,10 +110,16 @@ class CannedConnector(Connector):
         self.calls: list[str] = []
 
     async def ask(self, turn: ConnectorTurn) -> ConnectorResult:
+        return self._answer(turn, "ask")
+
+    async def parse(self, turn: ConnectorTurn) -> NLU:
+        return self._answer(turn, "parse").nlu or NLU()
+
+    def _answer(self, turn: ConnectorTurn, call: Literal["parse", "ask"]) -> ConnectorResult:
         text = turn.message.text
         self.calls.append(text)
         for answer in self.config.answers:
-            if answer.when.fits(text):
+            if answer.when.call in (None, call) and answer.when.fits(text):
                 return self._result(answer)
         return ConnectorResult()
 
