@@ -35,7 +35,7 @@ async def test_a_wrong_expectation_fails_with_a_diff(tmp_path: Path) -> None:
     assert outcome.passed == 0 and len(outcome.failures) == 1
     lines = outcome.failures[0].lines
     assert "  - closed" in lines
-    assert "  + We are open Monday to Friday, 09:00-17:00 (Jakarta time)." in lines
+    assert "  + We are open Monday to Friday, 09:00-17:00 (Jakarta time). Right now we are open." in lines
     assert any(line.startswith("state: expected 'nowhere'") for line in lines)
 
 
@@ -57,3 +57,26 @@ def test_flow_schema_lists_what_the_loader_accepts() -> None:
     assert set(schema["$defs"]["condition"]["properties"]) == set(CONDITIONS)
     keys = {next(iter(o["properties"])) for o in schema["$defs"]["action"]["oneOf"] if o["type"] == "object"}
     assert keys == set(ACTIONS)
+
+
+def test_a_flow_that_sets_or_saves_a_user_variable_is_user_scoped(tmp_path: Path) -> None:
+    """The service loads a user's variables only for user-scoped flows: `set` and `save_as` count."""
+    from middleware.engine import load_flows
+
+    (tmp_path / "sets.yaml").write_text(
+        "flow: sets\nstates:\n  start:\n    routes:\n      - do: [{set: {user.language: id}}]\n"
+    )
+    (tmp_path / "saves.yaml").write_text(
+        "flow: saves\nstates:\n  start:\n    routes:\n      - do: [{http: {url: 'https://x', save_as: user.last}}]\n"
+    )
+    (tmp_path / "plain.yaml").write_text("flow: plain\nstates:\n  start:\n    routes:\n      - do: [{set: {a: 1}}]\n")
+    flows = load_flows(tmp_path)
+    assert (flows["sets"].user_scope, flows["saves"].user_scope, flows["plain"].user_scope) == (True, True, False)
+
+
+def test_every_shipped_flow_has_the_schema_line_and_its_tests() -> None:
+    shipped = sorted(p for p in (REPO / "flows").glob("*.yaml") if not p.name.endswith(".test.yaml"))
+    assert {p.stem for p in shipped} >= {"demo", "support", "faq_llm"}
+    for flow in shipped:
+        assert flow.read_text().startswith("# yaml-language-server: $schema=../schema/flow.json\n"), flow.name
+        assert flow.with_name(f"{flow.stem}.test.yaml").exists(), f"{flow.name} has no conversation tests"
