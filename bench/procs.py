@@ -1,0 +1,140 @@
+"""Child processes for the bench: free ports, CPU pinning, readiness, CPU time, clean stop."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+#: the core the server under test gets; the load generator, fakes and this process share the other one
+SERVER_CORE = 0
+LOAD_CORE = 1
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class BenchError(RuntimeError):
+    """A scenario could not run (a process did not start, a tool is missing)."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def can_pin() -> bool:
+    """Pinning needs two cores we may use; with fewer, everything shares what there is."""
+    return hasattr(os, "sched_getaffinity") and {SERVER_CORE, LOAD_CORE} <= os.sched_getaffinity(0)
+
+
+def pin_self(core: int = LOAD_CORE) -> None:
+    """Put this process (and the children that inherit its mask) on the load-generator core."""
+    if can_pin():
+        os.sched_setaffinity(0, {core})
+
+
+def pinned(cmd: Sequence[str], core: int) -> list[str]:
+    """`taskset -c CORE cmd...` where taskset exists; `Proc.start` falls back to sched_setaffinity."""
+    taskset = shutil.which("taskset")
+    if can_pin() and taskset:
+        return [taskset, "-c", str(core), *cmd]
+    return list(cmd)
+
+
+def die_with_parent() -> None:
+    """In the child before exec: SIGTERM it if the bench dies (even by SIGKILL), so no server is orphaned."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    @classmethod
+    def start(cls, name: str, cmd: Sequence[str], core: int, log: Path, cwd: Path | None = None) -> Proc:
+        with log.open("wb") as out:
+            popen = subprocess.Popen(
+                pinned(cmd, core),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=cwd,
+                preexec_fn=die_with_parent,
+            )
+        if can_pin() and not shutil.which("taskset"):
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(popen.pid, {core})
+        return cls(name, popen, log)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the process (all its threads) so far; 0 once it is gone."""
+        try:
+            fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def wait_http(self, url: str, timeout: float = 30.0) -> None:
+        """Poll `url` until it answers 200; fail with the log's tail if the process dies or time runs out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise BenchError(f"{self.name} exited with {self.popen.returncode}:\n{self.tail()}")
+            if http_ok(url):
+                return
+            time.sleep(0.1)
+        raise BenchError(f"{self.name} not ready at {url} after {timeout:.0f}s:\n{self.tail()}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGINT (uvicorn and aiohttp shut down gracefully on it), then SIGKILL if it lingers."""
+        if self.popen.poll() is not None:
+            return
+        self.popen.send_signal(signal.SIGINT)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(5)
+
+
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only: never a proxy
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with OPENER.open(url, timeout=2) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@contextlib.contextmanager
+def running(procs: list[Proc]) -> Iterator[list[Proc]]:
+    """Stop every process in `procs` on the way out, the last started first."""
+    try:
+        yield procs
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
