@@ -210,8 +210,10 @@ class Dispatcher:
         async def fence() -> float:
             return await self._fence(key)
 
+        messages = [] if self.draining else list(lease.messages)
+        #: the last drain emptied the outbox (rows are only added here, under our lease)
+        outbox_clear = False
         while True:
-            messages = [] if self.draining else await self.store.pending_messages(key)
             while messages:
                 batch, messages = await self._next_batch(key, messages, state)
                 new_state = await self._turn(lease, platform, batch, state)
@@ -219,17 +221,16 @@ class Dispatcher:
                     messages = await self.store.pending_messages(key)
                     continue
                 state = new_state
-                lease = dataclasses.replace(lease, state=state)
+                lease = dataclasses.replace(lease, state=state, messages=())
                 self.backlog = max(0, self.backlog - len(batch))
                 retry_at = await self.outbox.drain(key, platform, fence)
+                outbox_clear = retry_at is None
                 if retry_at is not None:
                     self._wake_at(key, retry_at)
                 if self.draining:
                     break  # the turn in flight is done; what is left goes to another node
-                if not messages:
-                    messages = await self.store.pending_messages(key)
             self.metrics.backlog.set(self.backlog)
-            retry_at = await self.outbox.drain(key, platform, fence)
+            retry_at = None if outbox_clear else await self.outbox.drain(key, platform, fence)
             if self.draining:
                 if retry_at is None and await self.store.release(lease):
                     self._forget(key)
@@ -239,9 +240,13 @@ class Dispatcher:
             if retry_at is not None:
                 self._wake_at(key, retry_at)
                 return  # keep the lease: our outbox is waiting to retry
+            # release only if nothing is pending (the store checks in the same statement);
+            # otherwise new messages came in meanwhile, or a dead letter was requeued
             if await self.store.release(lease):
                 self._forget(key)
                 return
+            messages = await self.store.pending_messages(key)
+            outbox_clear = False
 
     async def _fence(self, key: str) -> float:
         """Seconds the lease on `key` is sure to stay ours (renewed first if a send could outlast

@@ -30,6 +30,7 @@ from sqlalchemy import (
     Float,
     Index,
     UniqueConstraint,
+    bindparam,
     cast,
     create_engine,
     delete,
@@ -217,6 +218,8 @@ class Lease:
     owner: str
     epoch: int
     state: ConversationState
+    #: the conversation's pending messages when it was claimed (read in the claim's transaction)
+    messages: tuple[PendingMessage, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +262,7 @@ class Store:
             .on_conflict_do_nothing(index_elements=["platform", "message_id"])
             .returning(INBOX.c.platform, INBOX.c.message_id)
         )
+        self._hot = _HotStatements(self._insert, self.dialect == "postgresql")
         self._queue: queue.SimpleQueue[tuple[Callable[[Connection], Any], asyncio.Future[Any]] | None] = (
             queue.SimpleQueue()
         )
@@ -402,34 +406,19 @@ class Store:
     async def claim(self, key: str, platform: str, external_id: str, owner: str, lease_seconds: float) -> Lease | None:
         """Take the conversation's lease if it is free, expired or already ours; None otherwise."""
         now = time.time()
-        db_now = self._now()
-        c = CONVERSATION.c
-        stmt = (
-            self._insert(CONVERSATION)
-            .values(
-                key=key,
-                platform=platform,
-                external_id=external_id,
-                lease_owner=owner,
-                lease_until=db_now + lease_seconds,
-                epoch=1,
-                created_at=now,
-                updated_at=now,
-            )
-            .on_conflict_do_update(
-                index_elements=["key"],
-                set_={"lease_owner": owner, "lease_until": db_now + lease_seconds, "epoch": c.epoch + 1},
-                where=or_(c.lease_owner.is_(None), c.lease_until < db_now, c.lease_owner == owner),
-            )
-            .returning(c.epoch, c.state)
+        hot = self._hot
+        params = hot.params(
+            key=key, platform=platform, external_id=external_id, owner=owner, lease=lease_seconds, now=now, db_now=now
         )
 
         def op(conn: Connection) -> Lease | None:
-            row = conn.execute(stmt).first()
+            row = conn.execute(hot.claim, params).first()
             if row is None:
                 return None
             state = ConversationState.from_json(json.loads(row.state) if row.state else None)
-            return Lease(key, owner, row.epoch, state)
+            pending = conn.execute(hot.pending, hot.params(key=key, limit=32))
+            messages = tuple(PendingMessage(r.id, Inbound.from_json(json.loads(r.body))) for r in pending)
+            return Lease(key, owner, row.epoch, state, messages)
 
         return await self.run(op, key=key)
 
@@ -466,26 +455,15 @@ class Store:
 
     async def release(self, lease: Lease) -> bool:
         """Give the lease up if the conversation has nothing pending; False means work remains."""
-        c = CONVERSATION.c
-        pending_in = exists().where(INBOX.c.conversation_key == lease.key, INBOX.c.status == "pending")
-        pending_out = exists().where(OUTBOX.c.conversation_key == lease.key, OUTBOX.c.status == "pending")
-        stmt = (
-            update(CONVERSATION)
-            .where(c.key == lease.key, c.lease_owner == lease.owner, c.epoch == lease.epoch, ~pending_in, ~pending_out)
-            .values(lease_owner=None, lease_until=0.0)
-        )
-        return bool(await self.run(lambda conn: conn.execute(stmt).rowcount, key=lease.key))
+        params = self._hot.params(key=lease.key, owner=lease.owner, epoch=lease.epoch)
+        stmt = self._hot.release
+        return bool(await self.run(lambda conn: conn.execute(stmt, params).rowcount, key=lease.key))
 
     async def pending_messages(self, key: str, limit: int = 32) -> list[PendingMessage]:
-        stmt = (
-            select(INBOX.c.id, INBOX.c.body)
-            .where(INBOX.c.conversation_key == key, INBOX.c.status == "pending")
-            .order_by(INBOX.c.id)
-            .limit(limit)
-        )
+        stmt, params = self._hot.pending, self._hot.params(key=key, limit=limit)
 
         def op(conn: Connection) -> list[PendingMessage]:
-            return [PendingMessage(r.id, Inbound.from_json(json.loads(r.body))) for r in conn.execute(stmt)]
+            return [PendingMessage(r.id, Inbound.from_json(json.loads(r.body))) for r in conn.execute(stmt, params)]
 
         return await self.run(op)
 
@@ -507,23 +485,20 @@ class Store:
         Raises LeaseLost (and writes nothing) if another claim took the conversation meanwhile.
         """
         now = time.time()
-        c = CONVERSATION.c
+        hot = self._hot
         handoff = state.handoff or {}
-        values: dict[str, Any] = {
-            "state": _dumps(state.to_json()),
-            "updated_at": now,
-            "owner": state.owner.value,
-            "queue": handoff.get("queue"),
-            "agent": handoff.get("agent"),
-        }
-        if transitions:
-            values["owner_since"] = now
-        set_state = (
-            update(CONVERSATION)
-            .where(c.key == lease.key, c.lease_owner == lease.owner, c.epoch == lease.epoch)
-            .values(**values)
+        state_params = hot.params(
+            key=lease.key,
+            owner=lease.owner,
+            epoch=lease.epoch,
+            state=_dumps(state.to_json()),
+            updated_at=now,
+            new_owner=state.owner.value,
+            queue=handoff.get("queue"),
+            agent=handoff.get("agent"),
         )
-        done = update(INBOX).where(INBOX.c.id.in_(inbox_ids)).values(status="done", handled_at=now)
+        set_state = hot.set_state_since if transitions else hot.set_state
+        done_params = hot.params(ids=list(inbox_ids), now=now)
         platform = lease.key.split(":", 1)[0]
         rows = [
             {
@@ -538,11 +513,7 @@ class Store:
             }
             for item, key in outgoing
         ]
-        add = self._insert(OUTBOX).on_conflict_do_nothing(index_elements=["idempotency_key"])
-        t = TIMER.c
-        cancel = update(TIMER).where(
-            t.conversation_key == lease.key, t.status == "pending", t.name.in_(list(cancel_timers))
-        )
+        cancel_params = hot.params(key=lease.key, names=list(cancel_timers))
         timer_rows = [
             {
                 "conversation_key": lease.key,
@@ -568,14 +539,14 @@ class Store:
         ]
 
         def op(conn: Connection) -> None:
-            if conn.execute(set_state).rowcount != 1:
+            if conn.execute(set_state, state_params).rowcount != 1:
                 raise LeaseLost(lease.key)
             if inbox_ids:
-                conn.execute(done)
+                conn.execute(hot.done, done_params)
             if rows:
-                conn.execute(add, rows)
+                conn.execute(hot.add_outbox, rows)
             if cancel_timers:
-                conn.execute(cancel.values(status="cancelled"))
+                conn.execute(hot.cancel_timers, cancel_params)
             if timer_rows:
                 conn.execute(insert(TIMER), timer_rows)
             if user_vars is not None:
@@ -666,8 +637,7 @@ class Store:
 
     async def due_outbox(self, key: str, limit: int = 32) -> list[OutboxItem]:
         """The conversation's pending outbox rows in order (due or not: order is per conversation)."""
-        o = OUTBOX.c
-        stmt = select(OUTBOX).where(o.conversation_key == key, o.status == "pending").order_by(o.id).limit(limit)
+        stmt, params = self._hot.due_outbox, self._hot.params(key=key, limit=limit)
 
         def op(conn: Connection) -> list[OutboxItem]:
             return [
@@ -680,16 +650,14 @@ class Store:
                     r.attempts,
                     r.next_attempt_at,
                 )
-                for r in conn.execute(stmt)
+                for r in conn.execute(stmt, params)
             ]
 
         return await self.run(op)
 
     async def mark_sent(self, outbox_id: int) -> None:
-        stmt = (
-            update(OUTBOX).where(OUTBOX.c.id == outbox_id).values(status="sent", sent_at=time.time(), last_error=None)
-        )
-        await self.run(lambda conn: conn.execute(stmt))
+        stmt, params = self._hot.mark_sent, self._hot.params(id=outbox_id, now=time.time())
+        await self.run(lambda conn: conn.execute(stmt, params))
 
     async def mark_retry(self, outbox_id: int, attempts: int, next_attempt_at: float, error: str) -> None:
         stmt = (
@@ -1095,6 +1063,93 @@ class Store:
         await self.run(lambda conn: conn.execute(stmt))
 
 
+class _HotStatements:
+    """The statements every message runs, built once with bind parameters: building a SQLAlchemy
+    statement costs more than running it on SQLite (bench/README.md). Parameters are named `p_*`
+    (SQLAlchemy reserves column names); `params()` adds the prefix."""
+
+    @staticmethod
+    def params(**values: Any) -> dict[str, Any]:
+        return {f"p_{k}": v for k, v in values.items()}
+
+    def __init__(self, insert: Any, db_now: Any) -> None:
+        c, i, o, t = CONVERSATION.c, INBOX.c, OUTBOX.c, TIMER.c
+        now = (
+            db_now
+            if isinstance(db_now, ColumnElement) and db_now.__class__.__name__ == "Cast"
+            else bindparam("p_db_now")
+        )
+        until = now + bindparam("p_lease")
+        self.claim = (
+            insert(CONVERSATION)
+            .values(
+                key=bindparam("p_key"),
+                platform=bindparam("p_platform"),
+                external_id=bindparam("p_external_id"),
+                lease_owner=bindparam("p_owner"),
+                lease_until=until,
+                epoch=1,
+                created_at=bindparam("p_now"),
+                updated_at=bindparam("p_now"),
+            )
+            .on_conflict_do_update(
+                index_elements=["key"],
+                set_={"lease_owner": bindparam("p_owner"), "lease_until": until, "epoch": c.epoch + 1},
+                where=or_(c.lease_owner.is_(None), c.lease_until < now, c.lease_owner == bindparam("p_owner")),
+            )
+            .returning(c.epoch, c.state)
+        )
+        self.pending = (
+            select(i.id, i.body)
+            .where(i.conversation_key == bindparam("p_key"), i.status == "pending")
+            .order_by(i.id)
+            .limit(bindparam("p_limit"))
+        )
+        ours = (c.key == bindparam("p_key"), c.lease_owner == bindparam("p_owner"), c.epoch == bindparam("p_epoch"))
+        state_values: dict[str, Any] = {
+            "state": bindparam("p_state"),
+            "updated_at": bindparam("p_updated_at"),
+            "owner": bindparam("p_new_owner"),
+            "queue": bindparam("p_queue"),
+            "agent": bindparam("p_agent"),
+        }
+        self.set_state = update(CONVERSATION).where(*ours).values(**state_values)
+        self.set_state_since = (
+            update(CONVERSATION).where(*ours).values(**state_values, owner_since=bindparam("p_updated_at"))
+        )
+        self.done = (
+            update(INBOX)
+            .where(i.id.in_(bindparam("p_ids", expanding=True)))
+            .values(status="done", handled_at=bindparam("p_now"))
+        )
+        self.add_outbox = insert(OUTBOX).on_conflict_do_nothing(index_elements=["idempotency_key"])
+        self.cancel_timers = (
+            update(TIMER)
+            .where(
+                t.conversation_key == bindparam("p_key"),
+                t.status == "pending",
+                t.name.in_(bindparam("p_names", expanding=True)),
+            )
+            .values(status="cancelled")
+        )
+        self.due_outbox = (
+            select(OUTBOX)
+            .where(o.conversation_key == bindparam("p_key"), o.status == "pending")
+            .order_by(o.id)
+            .limit(bindparam("p_limit"))
+        )
+        self.mark_sent = (
+            update(OUTBOX)
+            .where(o.id == bindparam("p_id"))
+            .values(status="sent", sent_at=bindparam("p_now"), last_error=None)
+        )
+        pending_in = exists().where(i.conversation_key == bindparam("p_key"), i.status == "pending")
+        pending_out = exists().where(o.conversation_key == bindparam("p_key"), o.status == "pending")
+        self.release = (
+            update(CONVERSATION).where(*ours, ~pending_in, ~pending_out).values(lease_owner=None, lease_until=0.0)
+        )
+
+
 class _Accept:
     """The op of one `Store.accept`: on its own, one INSERT; in a batch with other accepts, all of
     them share one multi-row INSERT (the writes of many webhooks in one statement)."""
@@ -1117,7 +1172,9 @@ class _Accept:
         rows = sorted(rows, key=lambda r: (r["platform"], r["message_id"]))
         for i in range(0, len(rows), cls.CHUNK):
             chunk = rows[i : i + cls.CHUNK]
-            result = conn.execute(stmt, chunk[0]) if len(chunk) == 1 else conn.execute(stmt.values(chunk))
+            # one compiled statement for any number of rows: SQLAlchemy's "insertmanyvalues" batches
+            # an executemany with RETURNING into multi-row INSERTs on both SQLite and PostgreSQL
+            result = conn.execute(stmt, chunk[0] if len(chunk) == 1 else chunk)
             inserted.update((r[0], r[1]) for r in result)
         return inserted
 
