@@ -13,6 +13,7 @@ import asyncio
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from argon2 import PasswordHasher
@@ -30,6 +31,8 @@ MAX_TEXT = 10_000
 #: what an agent name may be: it is shown to users' agents and kept in the audit trail
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 MIN_PASSWORD = 8
+#: what a skill may be (a language such as `id`, a topic such as `refunds`)
+SKILL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$")
 
 _hasher = PasswordHasher()
 _dummy_hash: str | None = None
@@ -89,6 +92,25 @@ async def queue_summary(s: Services) -> list[dict[str, Any]]:
     return out
 
 
+def can_take(queue_skills: Sequence[str], agent_skills: Sequence[str]) -> bool:
+    """Whether an agent may see and claim a queue's waiting conversations: the queue asks for no
+    skill, or for one the agent has (case-insensitive)."""
+    if not queue_skills:
+        return True
+    return bool({q.lower() for q in queue_skills} & {a.lower() for a in agent_skills})
+
+
+def queue_skills(s: Services, queue: str | None) -> tuple[str, ...]:
+    """The skills a queue asks for (none for a queue no longer in the config)."""
+    found = s.settings.handoff.queues.get(queue or "default")
+    return found.skills if found is not None else ()
+
+
+def queue_priority(s: Services, queue: str | None) -> int:
+    found = s.settings.handoff.queues.get(queue or "default")
+    return found.priority if found is not None else 0
+
+
 def _waited(row: dict[str, Any], now: float) -> None:
     since = row.pop("oldest_waiting_since", None)
     row["longest_wait_seconds"] = round(now - since, 1) if since else 0.0
@@ -108,6 +130,21 @@ def check_name(name: str) -> str:
     return name
 
 
+def parse_skills(text: str) -> tuple[str, ...]:
+    """`id,en, refunds` -> ("id", "en", "refunds"): comma-separated, blanks and repeats dropped."""
+    out: list[str] = []
+    for skill in (part.strip() for part in text.split(",")):
+        if not skill:
+            continue
+        if not SKILL_PATTERN.match(skill):
+            raise AccountError(
+                f"a skill is 1 to 40 letters, digits and . _ -, starting with a letter or digit; got {skill!r}"
+            )
+        if skill not in out:
+            out.append(skill)
+    return tuple(out)
+
+
 def check_password(password: str) -> str:
     if len(password) < MIN_PASSWORD:
         raise AccountError(f"a password has at least {MIN_PASSWORD} characters")
@@ -120,12 +157,17 @@ async def hash_password(password: str) -> str:
     return await asyncio.to_thread(_hasher.hash, password)
 
 
-async def add_agent(store: Store, name: str, password: str, *, replace: bool = False) -> bool:
+async def add_agent(
+    store: Store, name: str, password: str, *, replace: bool = False, skills: Sequence[str] | None = None
+) -> bool:
     """Create an inbox account (or, with `replace`, set a new password and end its sessions);
-    False if it exists and `replace` is not given."""
+    False if it exists and `replace` is not given. `skills`: what the agent can take (None keeps
+    a replaced account's)."""
     check_name(name)
     check_password(password)
-    return await store.save_agent(name, await hash_password(password), replace=replace)
+    if skills is not None:
+        skills = parse_skills(",".join(skills))
+    return await store.save_agent(name, await hash_password(password), replace=replace, skills=skills)
 
 
 async def verify_agent(store: Store, name: str, password: str) -> bool:

@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     agent_add.add_argument("name")
     agent_add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     agent_add.add_argument("--replace", action="store_true", help="set a new password if the agent exists")
+    agent_add.add_argument(
+        "--skills",
+        help="comma-separated skills (languages, topics), e.g. id,en: the agent takes queues asking for one of them",
+    )
     agent_list = agent_sub.add_parser("list", help="list the agents")
     agent_remove = agent_sub.add_parser("remove", help="remove an agent and end its sessions")
     agent_remove.add_argument("name")
@@ -230,7 +234,7 @@ async def _test(paths: list[Path], flows: Path | None) -> int:
 async def _agent(args: argparse.Namespace) -> int:
     import getpass
 
-    from middleware.agents import AccountError, add_agent, check_name, check_password
+    from middleware.agents import AccountError, add_agent, check_name, check_password, parse_skills
     from middleware.settings import load_settings
     from middleware.store import Store, StoreUnavailable
 
@@ -240,9 +244,12 @@ async def _agent(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 1
     password = ""
+    skills: tuple[str, ...] | None = None
     if args.agent_command == "add":
         try:
             check_name(args.name)
+            if args.skills is not None:
+                skills = parse_skills(args.skills)
             if args.password_stdin:
                 password = (await asyncio.to_thread(sys.stdin.readline)).rstrip("\r\n")
             else:
@@ -262,13 +269,13 @@ async def _agent(args: argparse.Namespace) -> int:
     try:
         await store.start()
         if args.agent_command == "add":
-            if not await add_agent(store, args.name, password, replace=args.replace):
+            if not await add_agent(store, args.name, password, replace=args.replace, skills=skills):
                 print(f"agent {args.name!r} exists; --replace sets a new password", file=sys.stderr)
                 return 1
             print(f"agent {args.name!r} {'updated' if args.replace else 'added'}", file=sys.stderr)
         elif args.agent_command == "list":
             for row in await store.agents():
-                print(row["name"])
+                print(row["name"] + (f"\tskills: {','.join(row['skills'])}" if row["skills"] else ""))
         elif not await store.remove_agent(args.name):
             print(f"no agent {args.name!r}", file=sys.stderr)
             return 1

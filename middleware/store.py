@@ -38,6 +38,7 @@ from sqlalchemy import (
     exists,
     func,
     insert,
+    inspect,
     literal,
     or_,
     select,
@@ -159,6 +160,8 @@ class AgentRow(SQLModel, table=True):
     __tablename__ = "agent"
     name: str = Field(primary_key=True, max_length=200)
     password_hash: str = Field(max_length=500)
+    #: what the agent can take (languages, topics), comma-separated: matched against queues' `skills`
+    skills: str = Field(default="", max_length=1000, sa_column_kwargs={"server_default": ""})
     created_at: float
     updated_at: float
 
@@ -244,6 +247,10 @@ def idempotency_key(platform: str, message_id: str, n: int | str) -> str:
     return hashlib.sha256(f"{platform}\x00{message_id}\x00{n}".encode()).hexdigest()[:40]
 
 
+def _skills(stored: str | None) -> tuple[str, ...]:
+    return tuple(skill for skill in (stored or "").split(",") if skill)
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
@@ -286,6 +293,9 @@ class Store:
             # nodes starting at once on an empty database would race to CREATE the same tables
             conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('switchboard.create_tables'))"))
         SQLModel.metadata.create_all(conn)
+        # columns added after a table was first created (create_all leaves existing tables alone)
+        if "skills" not in {col["name"] for col in inspect(conn).get_columns("agent")}:
+            conn.execute(text("ALTER TABLE agent ADD COLUMN skills VARCHAR(1000) NOT NULL DEFAULT ''"))
 
     async def close(self) -> None:
         if self._thread is not None:
@@ -979,16 +989,23 @@ class Store:
 
     # -- agent accounts and sessions (the built-in inbox) -------------------------------------
 
-    async def save_agent(self, name: str, password_hash: str, *, replace: bool = False) -> bool:
+    async def save_agent(
+        self, name: str, password_hash: str, *, replace: bool = False, skills: Sequence[str] | None = None
+    ) -> bool:
         """Add an agent; with `replace`, set a new password for an existing one (and end its
-        sessions). False if the agent exists and `replace` is not given."""
+        sessions). False if the agent exists and `replace` is not given. `skills` (None: none for a
+        new agent, unchanged for a replaced one) are what the agent can take (languages, topics)."""
         now = time.time()
         a = AGENT.c
-        stmt = self._insert(AGENT).values(name=name, password_hash=password_hash, created_at=now, updated_at=now)
+        joined = ",".join(skills or ())
+        stmt = self._insert(AGENT).values(
+            name=name, password_hash=password_hash, skills=joined, created_at=now, updated_at=now
+        )
         if replace:
-            stmt = stmt.on_conflict_do_update(
-                index_elements=["name"], set_={"password_hash": password_hash, "updated_at": now}
-            )
+            changed: dict[str, Any] = {"password_hash": password_hash, "updated_at": now}
+            if skills is not None:
+                changed["skills"] = joined
+            stmt = stmt.on_conflict_do_update(index_elements=["name"], set_=changed)
         else:
             stmt = stmt.on_conflict_do_nothing(index_elements=["name"])
 
@@ -1005,9 +1022,19 @@ class Store:
         return await self.run(lambda conn: conn.execute(stmt).scalar())
 
     async def agents(self) -> list[dict[str, Any]]:
+        """Every account: name, skills (a list), created_at, updated_at."""
         a = AGENT.c
-        stmt = select(a.name, a.created_at, a.updated_at).order_by(a.name)
-        return await self.run(lambda conn: [dict(r._mapping) for r in conn.execute(stmt)])
+        stmt = select(a.name, a.skills, a.created_at, a.updated_at).order_by(a.name)
+
+        def op(conn: Connection) -> list[dict[str, Any]]:
+            return [{**r._mapping, "skills": list(_skills(r.skills))} for r in conn.execute(stmt)]
+
+        return await self.run(op)
+
+    async def agent_skills(self, name: str) -> tuple[str, ...]:
+        """The agent's skills (none for an unknown agent)."""
+        stmt = select(AGENT.c.skills).where(AGENT.c.name == name)
+        return await self.run(lambda conn: _skills(conn.execute(stmt).scalar()))
 
     async def remove_agent(self, name: str) -> bool:
         """Delete an account and end its sessions; False if there was none."""

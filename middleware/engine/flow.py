@@ -90,9 +90,11 @@ class TurnContext:
             "vars": self.state.vars,
             "counters": {"misses": self.state.misses, **self.state.counters},
             "user": {
+                # attributes first: a platform's free-form ones (Chatwoot contacts set their own custom
+                # attributes) must not pass for the sender's id or name
+                **m.sender.attributes,
                 "id": m.sender.id,
                 "name": m.sender.name or "",
-                **m.sender.attributes,
                 **(self.state.vars.get("user") or {}),
             },
             "conversation": {

@@ -31,7 +31,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from middleware.agents import MAX_TEXT, queue_summary, submit_agent_event, verify_agent
+from middleware.agents import (
+    MAX_TEXT,
+    can_take,
+    queue_priority,
+    queue_skills,
+    queue_summary,
+    submit_agent_event,
+    verify_agent,
+)
 from middleware.handoff import (
     EVENT_AGENT_ASSIGNED,
     EVENT_AGENT_MESSAGE,
@@ -79,6 +87,7 @@ ERRORS = {
     "bot": "The bot owns this conversation now; there is nothing to do for an agent.",
     "taken": "Another agent has this conversation. Take it over first.",
     "capacity": "You already hold as many conversations of this queue as it allows.",
+    "skills": "This conversation's queue asks for skills you do not have; an agent who has one of them takes it.",
     "text": f"Write something (at most {MAX_TEXT} characters).",
     "queue": "Pick a queue to transfer to.",
     "action": "Unknown action.",
@@ -492,11 +501,22 @@ class InboxPages:
     # -- pages ---------------------------------------------------------------------------------
 
     async def _sidebar(self, s: Services, session: Session, current: str | None) -> dict[str, Any]:
+        skills = await s.store.agent_skills(session.agent)
         queues = await queue_summary(s)
-        waiting = await s.store.conversations("queued", None, 200)
+        for q in queues:
+            q["can_take"] = can_take(q.get("skills", ()), skills)
+
+        def takeable(c: dict[str, Any]) -> bool:
+            return can_take(queue_skills(s, c["queue"]), skills)
+
+        # the queues' priority first (higher first), then the longest wait (the store's order)
+        waiting = sorted(
+            filter(takeable, await s.store.conversations("queued", None, 200)),
+            key=lambda c: -queue_priority(s, c["queue"]),
+        )
         assigned = await s.store.conversations("agent", None, 500)
         mine = [c for c in assigned if c["agent"] == session.agent]
-        others = [c for c in assigned if c["agent"] != session.agent]
+        others = [c for c in assigned if c["agent"] != session.agent and takeable(c)]
         previews = await s.store.last_user_messages([c["key"] for c in waiting + assigned])
         return {
             "queues": queues,
@@ -538,6 +558,8 @@ class InboxPages:
         mine = owner == "agent" and agent == session.agent
         handed_off = owner in ("queued", "agent")
         queue = handoff.get("queue")
+        # a conversation of a queue whose skills the agent lacks: readable, but not theirs to take
+        skilled = mine or can_take(queue_skills(s, queue), await s.store.agent_skills(session.agent))
         return {
             "key": key,
             "platform": found["platform"],
@@ -548,8 +570,9 @@ class InboxPages:
             "holder": agent,
             "since": found["ownership"][-1]["at"] if found["ownership"] else None,
             "mine": mine,
-            "can_claim": owner == "queued" or (owner == "agent" and not mine),
-            "can_act": owner == "queued" or mine,
+            "can_claim": skilled and (owner == "queued" or (owner == "agent" and not mine)),
+            "can_act": (skilled and owner == "queued") or mine,
+            "unskilled": handed_off and not skilled,
             "handed_off": handed_off,
             "entries": build_transcript(found),
             "flow": state.get("flow"),
@@ -655,6 +678,10 @@ class InboxPages:
         if owner not in ("queued", "agent"):
             return "bot", 409
         holder = handoff.get("agent")
+        # what the agent does not hold must be of a queue whose skills they have
+        skilled = can_take(queue_skills(s, handoff.get("queue")), await s.store.agent_skills(session.agent))
+        if (holder != session.agent or owner != "agent") and not skilled:
+            return "skills", 403
         if action != "claim" and owner == "agent" and holder != session.agent:
             return "taken", 409
         # a claim, or a reply to a waiting conversation (which claims it), counts against capacity

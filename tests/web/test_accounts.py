@@ -94,6 +94,49 @@ def test_the_agent_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caps
     assert main(["agent", "list", "--config", str(tmp_path / "missing.yaml")]) == 1
 
 
+def test_the_agent_command_gives_skills(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = str(_config(tmp_path))
+    monkeypatch.setattr("sys.stdin", io.StringIO(PASSWORD + "\n"))
+    assert main(["agent", "add", "sari", "--skills", "id, en,id", "--password-stdin", "--config", config]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO(PASSWORD + "\n"))
+    assert main(["agent", "add", "alice", "--password-stdin", "--config", config]) == 0
+    assert main(["agent", "add", "bob", "--skills", "en,no way", "--password-stdin", "--config", config]) == 1
+    assert "got 'no way'" in capsys.readouterr().err
+    assert main(["agent", "list", "--config", config]) == 0
+    assert capsys.readouterr().out == "alice\nsari\tskills: id,en\n"
+    # a new password keeps the skills; --skills with --replace sets them
+    monkeypatch.setattr("sys.stdin", io.StringIO("a new password\n"))
+    assert main(["agent", "add", "sari", "--password-stdin", "--replace", "--config", config]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("a new password\n"))
+    assert main(["agent", "add", "alice", "--skills", "en", "--password-stdin", "--replace", "--config", config]) == 0
+    capsys.readouterr()
+    assert main(["agent", "list", "--config", config]) == 0
+    assert capsys.readouterr().out == "alice\tskills: en\nsari\tskills: id,en\n"
+
+
+async def test_an_agent_table_from_before_skills_gets_the_column(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = tmp_path / "old.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "CREATE TABLE agent (name VARCHAR(200) PRIMARY KEY, password_hash VARCHAR(500) NOT NULL,"
+            " created_at FLOAT NOT NULL, updated_at FLOAT NOT NULL)"
+        )
+        conn.execute("INSERT INTO agent VALUES ('old', 'x', 1, 1)")
+    store = Store(f"sqlite:///{db}")
+    await store.start()
+    try:
+        assert await store.agents() == [{"name": "old", "skills": [], "created_at": 1, "updated_at": 1}]
+        assert await store.agent_skills("old") == ()
+        assert await add_agent(store, "new", PASSWORD, skills=["en"])
+        assert await store.agent_skills("new") == ("en",)
+    finally:
+        await store.close()
+
+
 def test_the_agent_command_asks_twice_without_stdin(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

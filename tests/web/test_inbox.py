@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from middleware.agents import add_agent, verify_agent
+from middleware.handoff import QueueSettings
 from middleware.services import Services
 from middleware.web.inbox import SESSION_COOKIE, LoginThrottle, build_transcript, token_hash
 from tests.conftest import Server, fake_platform, message, running
@@ -26,10 +27,14 @@ from tests.web.conftest import PASSWORD, csrf_of, events, eventually, sign_in, w
 
 @contextlib.asynccontextmanager
 async def inbox_app(
-    tmp_path: Path, flows: Path, inbox: str = ""
+    tmp_path: Path, flows: Path, inbox: str = "", queues: dict[str, QueueSettings] | None = None
 ) -> AsyncIterator[tuple[Server, Services, FakePlatform]]:
+    """`queues`: more handoff queues besides web_config's support and billing."""
     async with fake_platform() as (platform_server, fake):
         settings = web_config(f"sqlite:///{tmp_path}/sb.db", flows, platform_url=platform_server.url, inbox=inbox)
+        if queues:
+            handoff = settings.handoff.model_copy(update={"queues": {**settings.handoff.queues, **queues}})
+            settings = settings.model_copy(update={"handoff": handoff})
         async with running(settings) as (server, services):
             await add_agent(services.store, "alice", PASSWORD)
             await add_agent(services.store, "bob", PASSWORD)
@@ -326,6 +331,51 @@ async def test_other_agents_conversations_capacity_and_take_over(
             headers={"X-Requested-With": "fetch"},
         )
         assert missing.status_code == 404
+
+
+async def test_waiting_conversations_by_queue_priority_and_agent_skills(
+    tmp_path: Path, helpdesk_flows: Path, client: httpx.AsyncClient, agent_client: httpx.AsyncClient
+) -> None:
+    queues = {"vip": QueueSettings(priority=10), "indonesian": QueueSettings(skills=("id",))}
+    async with inbox_app(tmp_path, helpdesk_flows, queues=queues) as (server, services, _):
+        await add_agent(services.store, "sari", PASSWORD, skills=["ID", "en"])
+        old, local, urgent = [await hand_off(client, server, services, f"c-{n}") for n in range(3)]
+        await sign_in(agent_client, server.url, "alice")  # alice has no skills
+        for key, queue in ((local, "indonesian"), (urgent, "vip")):
+            assert (await act(agent_client, server, key, "transfer", queue=queue)).status_code == 202
+            await settled(services, key)
+            assert (await owner_of(services, key))["handoff"]["queue"] == queue
+
+        def waiting_keys(sidebar: str) -> list[str]:
+            section = sidebar.split("list-waiting", 1)[1].split("list-mine", 1)[0]
+            return re.findall(r'data-key="([^"]+)"', section)
+
+        # alice: the newest first (vip's priority beats the wait), the Indonesian queue's out of sight
+        sidebar = (await agent_client.get(f"{server.url}/inbox/partials/sidebar")).text
+        assert waiting_keys(sidebar) == [urgent, old]
+        row = re.search(r'<tr data-queue="indonesian"([^>]*)>(.*?)</tr>', sidebar, re.S)
+        assert row and 'class="not-yours"' in row.group(1) and "not yours: needs id" in row.group(2)
+        assert 'data-queue="vip">' in sidebar and 'data-queue="support">' in sidebar
+        page = (await agent_client.get(f"{server.url}/inbox/c/{local}")).text
+        assert "asks for skills you do not have" in page and 'id="claim-button"' not in page
+        for action, form in (("claim", {}), ("reply", {"text": "halo"}), ("transfer", {"queue": "support"})):
+            refused = await act(agent_client, server, local, action, **form)
+            assert refused.status_code == 403 and "skills you do not have" in refused.json()["error"], action
+        assert (await owner_of(services, local))["owner"] == "queued"
+
+        # sari (skills ID, en: matched regardless of case) sees all three and takes the local one
+        async with httpx.AsyncClient(timeout=30) as sari:
+            await sign_in(sari, server.url, "sari")
+            sidebar = (await sari.get(f"{server.url}/inbox/partials/sidebar")).text
+            assert waiting_keys(sidebar) == [urgent, old, local]
+            assert "not-yours" not in sidebar
+            assert (await act(sari, server, local, "claim")).status_code == 202
+            await settled(services, local)
+            assert (await owner_of(services, local))["handoff"]["agent"] == "sari"
+        # alice does not see it among the other agents' either, nor may take it over
+        sidebar = (await agent_client.get(f"{server.url}/inbox/partials/sidebar")).text
+        assert local not in sidebar
+        assert (await act(agent_client, server, local, "claim")).status_code == 403
 
 
 async def test_actions_without_the_sessions_csrf_token_are_refused(
