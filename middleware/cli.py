@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import socket
 import sys
 from pathlib import Path
@@ -128,6 +129,8 @@ def _serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=CONNECTIONS_SECONDS,
     )
     # SIGTERM drains first (503s, turns finished or handed to other nodes): middleware/shutdown.py
+    host, port = sock.getsockname()[:2]
+    logging.getLogger("switchboard").info("running on http://%s:%d (Ctrl-C to stop)", host, port)
     GracefulServer(config, app).run(sockets=[sock])
     return 0
 
