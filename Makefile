@@ -36,3 +36,19 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache
+
+# Real engines, not part of `make test`: each builds its environment once under
+# $${XDG_CACHE_HOME:-$$HOME/.cache}/switchboard (7-15 minutes the first time), then runs its tests.
+.PHONY: test-rasa test-llm
+test-rasa: $(STAMP)
+	bash tests/peers/rasa.sh
+
+test-llm: $(STAMP)
+	bash tests/peers/llm.sh
+
+# Tests that break things (nodes killed and stopped, a private PostgreSQL restarted, platform and
+# engine faults, a soak at half capacity): not part of `make test`; .ci/run runs it after, ~15 min.
+# SWITCHBOARD_SOAK_SECONDS shortens the soak (600 s) for a local run.
+.PHONY: test-faults
+test-faults: $(STAMP)
+	$(BIN)/python -m pytest -m faults tests/faults -v -s -rs -p no:cacheprovider --durations=0
