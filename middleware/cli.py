@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -131,7 +132,9 @@ def _serve(args: argparse.Namespace) -> int:
     # SIGTERM drains first (503s, turns finished or handed to other nodes): middleware/shutdown.py
     host, port = sock.getsockname()[:2]
     logging.getLogger("switchboard").info("running on http://%s:%d (Ctrl-C to stop)", host, port)
-    GracefulServer(config, app).run(sockets=[sock])
+    # uvicorn re-raises the Ctrl-C it handled once it has shut down (`uvicorn.run` swallows it too)
+    with contextlib.suppress(KeyboardInterrupt):
+        GracefulServer(config, app).run(sockets=[sock])
     return 0
 
 
