@@ -47,7 +47,7 @@ test-llm: $(STAMP)
 	bash tests/peers/llm.sh
 
 # Tests that break things (nodes killed and stopped, a private PostgreSQL restarted, platform and
-# engine faults, a soak at half capacity): not part of `make test` (nor, yet, of .ci/run), ~12 min.
+# engine faults, a soak at half capacity): not part of `make test`; .ci/run runs it after, ~12 min.
 # SWITCHBOARD_SOAK_SECONDS shortens the soak (600 s) for a local run.
 .PHONY: test-faults
 test-faults: $(STAMP)
