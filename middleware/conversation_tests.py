@@ -36,7 +36,7 @@ from pydantic import ValidationError
 
 from connectors.canned import CannedConfig, CannedConnector
 from middleware.engine import Engine, FlowFailed, Resources, load_flows
-from middleware.engine.loader import parse_duration
+from middleware.engine.durations import parse_duration
 from middleware.handoff import HandoffMachine, HandoffSettings
 from middleware.model import (
     Attachment,

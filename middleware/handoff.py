@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from middleware.engine.durations import parse_duration
 from middleware.engine.hours import Hours, parse_hours
 from middleware.model import Handoff, Owner, Reply, Timer, Transition
 
@@ -47,8 +48,6 @@ AGENT_EVENTS = (
 
 
 def _duration(value: Any) -> float | None:
-    from middleware.engine.loader import parse_duration
-
     if value is None:
         return None
     seconds = parse_duration(value)

@@ -16,6 +16,7 @@ from typing import Any
 
 from middleware.engine.actions import ACTIONS
 from middleware.engine.conditions import CONDITIONS, AllOf, needs_nlu
+from middleware.engine.durations import UNIT, parse_duration
 from middleware.engine.flow import Action, Coalesce, Condition, Fallback, Flow, Match, Route, State, StateTimeout
 from middleware.engine.hours import Hours, parse_hours
 from middleware.engine.templates import Template, template_error
@@ -100,24 +101,6 @@ def check_flows(root: Path, known: Known | None = None) -> list[Problem]:
     return []
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-
-
-def parse_duration(value: Any) -> float | None:
-    """Seconds from `1.5s`, `500ms`, `10m`, `2h`, `1d` or a bare number of seconds."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return float(value) if value >= 0 else None
-    if not isinstance(value, str):
-        return None
-    m = _DURATION.match(value)
-    if m is None:
-        return None
-    return float(m.group(1)) * _UNIT[m.group(2)]
-
-
 def _nlu_key(path: PathKey, raw: Any) -> PathKey:
     """The path of the first `intent` / `entity` key in a `when:` (inside all / any / not too)."""
     if isinstance(raw, dict):
@@ -136,8 +119,8 @@ def _nlu_key(path: PathKey, raw: Any) -> PathKey:
 def _human(seconds: float) -> str:
     """`2592000` -> `30d`, `300` -> `5m`: a duration limit as a bot builder would write it."""
     for unit in ("d", "h", "m"):
-        if seconds >= _UNIT[unit] and seconds % _UNIT[unit] == 0:
-            return f"{seconds / _UNIT[unit]:g}{unit}"
+        if seconds >= UNIT[unit] and seconds % UNIT[unit] == 0:
+            return f"{seconds / UNIT[unit]:g}{unit}"
     return f"{seconds:g}s"
 
 
