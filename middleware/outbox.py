@@ -89,7 +89,7 @@ class Outbox:
                         raise DeliveryError("no handoff.webhook_url configured for the helpdesk", retryable=False)
                     await self.helpdesk.send(item.conversation_key, item.item, item.idempotency_key)
                 else:
-                    await platform.deliver(item.item, item.idempotency_key)
+                    await _deliver(platform, item)
         except TimeoutError:
             if not cut.expired():
                 raise
@@ -141,3 +141,18 @@ class Outbox:
             return min(retry_after, self.settings.retry_after_max)
         ceiling = min(self.settings.backoff_max, self.settings.backoff_base * 2 ** (attempts - 1))
         return random.uniform(ceiling / 2, ceiling)
+
+
+async def _deliver(platform: Platform, item: OutboxItem) -> None:
+    """`platform.deliver`, with any error that is not a DeliveryError (a bug in an adapter, an
+    unexpected answer) counted as a failed attempt: retried, then dead-lettered, never a crash loop."""
+    try:
+        await platform.deliver(item.item, item.idempotency_key)
+    except (DeliveryError, TimeoutError, asyncio.CancelledError):
+        raise
+    except Exception as exc:
+        log.exception(
+            "platform adapter failed unexpectedly",
+            extra={"platform": item.platform, "conversation": item.conversation_key, "outbox_id": item.id},
+        )
+        raise DeliveryError(f"{type(exc).__name__}: {exc}", retryable=True) from exc
