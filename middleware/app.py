@@ -29,7 +29,7 @@ from middleware.hub import LocalHub
 from middleware.hub_cluster import ClusterHub
 from middleware.ingress import Ingress
 from middleware.logs import add_secrets, secret_values
-from middleware.metrics import Metrics, observe_connectors
+from middleware.metrics import Metrics, StoreCollector, observe_connectors
 from middleware.notify import Bus, LocalBus, PostgresBus
 from middleware.outbox import Outbox
 from middleware.platforms import PLATFORM_TYPES
@@ -81,6 +81,8 @@ def create_app(settings: Settings, *, http: httpx.AsyncClient | None = None) -> 
     flows = load_flows(settings.flows, known)
     resources = Resources(http_allow=settings.http_allow, handoff=HandoffMachine(settings.handoff))
     observe_connectors(metrics, lambda: resources.connectors)
+    stores: list[Store] = []
+    metrics.registry.register(StoreCollector(lambda: stores[-1] if stores else None))
     engine = Engine(flows, resources)
     reloader = FlowReloader(engine, settings.flows, known)
 
@@ -92,7 +94,8 @@ def create_app(settings: Settings, *, http: httpx.AsyncClient | None = None) -> 
             name: connector_class(cfg.type)(name, cfg, client) for name, cfg in settings.connectors.items()
         }
         store = Store(settings.store.url, batch_max=settings.store.batch_max)
-        await store.start()
+        await store.start(migrate=settings.store.migrate)
+        stores[:] = [store]
         platforms = {name: PLATFORM_TYPES[cfg.type](name, cfg, client) for name, cfg in settings.platforms.items()}
         # unique per live process (middleware/cluster.py); a restart under the same id resumes at once
         node = await join(

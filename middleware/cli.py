@@ -1,4 +1,4 @@
-"""The `switchboard` command: serve, check, chat, test, graph, schema, agent."""
+"""The `switchboard` command: serve, check, chat, test, graph, schema, agent, migrate."""
 
 from __future__ import annotations
 
@@ -65,7 +65,27 @@ def main(argv: list[str] | None = None) -> int:
     for p in (agent_add, agent_list, agent_remove):
         p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
 
+    migrate = sub.add_parser(
+        "migrate",
+        help="upgrade the store's schema to this version's (once per cluster, before rolling the nodes)",
+        description="Upgrade (or with --to an older revision, downgrade) the configured store's schema. "
+        "--check exits 0 when the database is at this version's head, 1 when it is behind (or empty), "
+        "2 when it is at a revision this version does not know or cannot be read.",
+    )
+    migrate.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    migrate.add_argument("--to", default="head", metavar="REV", help="a revision, head (default) or base")
+    migrate_mode = migrate.add_mutually_exclusive_group()
+    migrate_mode.add_argument("--check", action="store_true", help="change nothing: say where the database is")
+    migrate_mode.add_argument("--history", action="store_true", help="list this version's revisions")
+    migrate_mode.add_argument(
+        "--sql", action="store_true", help="print the SQL from --from (default: nothing) to --to; no connection"
+    )
+    migrate_mode.add_argument("--new", metavar="MESSAGE", help="contributors: autogenerate a new migration script")
+    migrate.add_argument("--from", dest="start", metavar="REV", help="with --sql: the revision the database is at")
+
     args = parser.parse_args(argv)
+    if args.command == "migrate":
+        return _migrate(args)
     if args.command == "agent":
         return asyncio.run(_agent(args))
     if args.command == "serve":
@@ -140,10 +160,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _check(paths: list[Path]) -> int:
     from middleware.engine.loader import Known, check_flows, flow_files
-    from middleware.settings import load_settings
+    from middleware.settings import literal_secrets, settings_from_doc
+    from middleware.yamlfile import load_yaml
 
     targets = paths or [DEFAULT_CONFIG]
     problems: list[Problem] = []
+    #: reported, but not failing the check: secrets written in a config instead of ${ENV}
+    warnings: list[Problem] = []
     checked = 0
     for path in targets:
         if not path.exists():
@@ -151,7 +174,9 @@ def _check(paths: list[Path]) -> int:
             continue
         if path.is_file() and _is_config(path):
             try:
-                settings = load_settings(path)
+                doc = load_yaml(path)
+                warnings += literal_secrets(doc)
+                settings = settings_from_doc(doc, warn=False)
             except ConfigError as exc:
                 problems += exc.problems
                 continue
@@ -163,10 +188,13 @@ def _check(paths: list[Path]) -> int:
             checked += len(flow_files(path)) if path.is_dir() else 1
     for p in sorted(set(problems)):
         print(p)
+    for w in sorted(set(warnings)):
+        print(f"{w.file}:{w.line}:{w.col}: warning: {w.message}")
+    also = f", {len(set(warnings))} warning(s)" if warnings else ""
     if problems:
-        print(f"{len(set(problems))} problem(s)", file=sys.stderr)
+        print(f"{len(set(problems))} problem(s){also}", file=sys.stderr)
         return 1
-    print(f"ok: {checked} file(s) checked", file=sys.stderr)
+    print(f"ok: {checked} file(s) checked{also}", file=sys.stderr)
     return 0
 
 
@@ -241,6 +269,7 @@ async def _agent(args: argparse.Namespace) -> int:
     import getpass
 
     from middleware.agents import AccountError, add_agent, check_name, check_password, parse_skills
+    from middleware.migrate import SchemaError
     from middleware.settings import load_settings
     from middleware.store import Store, StoreUnavailable
 
@@ -273,7 +302,7 @@ async def _agent(args: argparse.Namespace) -> int:
             return 1
     store = Store(settings.store.url, batch_max=settings.store.batch_max)
     try:
-        await store.start()
+        await store.start(migrate=settings.store.migrate)
         if args.agent_command == "add":
             if not await add_agent(store, args.name, password, replace=args.replace, skills=skills):
                 print(f"agent {args.name!r} exists; --replace sets a new password", file=sys.stderr)
@@ -290,8 +319,65 @@ async def _agent(args: argparse.Namespace) -> int:
     except StoreUnavailable as exc:
         print(f"store unavailable: {exc}", file=sys.stderr)
         return 1
+    except SchemaError as exc:
+        print(exc, file=sys.stderr)
+        return 1
     finally:
         await store.close()
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from middleware import migrate
+    from middleware.settings import load_settings
+
+    if args.history:
+        head = migrate.head()
+        for rev, doc in migrate.history():
+            print(f"{rev}  {doc.splitlines()[0] if doc else ''}{'  (head)' if rev == head else ''}")
+        return 0
+    if args.new:
+        print(f"wrote {migrate.new_revision(args.new)}: review it, then test it on both databases", file=sys.stderr)
+        return 0
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2 if args.check else 1
+    url = settings.store.url
+    try:
+        if args.sql:
+            print(migrate.offline_sql(url, args.to, args.start), end="")
+            return 0
+        if args.check:
+            if migrate.sqlite_missing(url):
+                print(f"database is empty (no file yet), this version needs revision {migrate.head()}")
+                return 1
+            with migrate.transaction(url) as conn:
+                state = migrate.state(conn)
+            print(state.describe() + ("" if state.current or state.newer else ": run `switchboard migrate`"))
+            return 0 if state.current else 2 if state.newer else 1
+        with migrate.transaction(url) as conn:
+            before, after = migrate.upgrade(conn, args.to)
+    except migrate.SchemaError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except SQLAlchemyError as exc:
+        print(f"store unavailable: {str(exc).splitlines()[0][:300]}", file=sys.stderr)
+        return 2
+    stamped = "" if before.versioned or before.revision is None else f" (recognised as {before.revision}, stamped)"
+    order = [rev for rev, _ in migrate.history()]
+
+    def position(rev: str | None) -> int:
+        return -1 if rev is None else order.index(rev)
+
+    if before.revision == after.revision:
+        print(f"database already at revision {after.revision or 'nothing'}{stamped}")
+    else:
+        way = "downgraded" if position(after.revision) < position(before.revision) else "upgraded"
+        print(f"database {way} from {before.revision or 'nothing'} to {after.revision or 'nothing'}{stamped}")
     return 0
 
 

@@ -2,17 +2,25 @@
 
 A config holding only `store`, `flows` and `platforms` is complete; everything else has defaults.
 Relative paths resolve against the config file's folder.
+
+Secrets come from the environment: a value under a key named like a secret (`token`, `bot_token`,
+`app_secret`, `password`, `api_key`, `Authorization`...) or a URL's password written literally in
+the file is accepted, with one warning per field naming its path (never its value): logged when the
+config is loaded, and reported by `switchboard check` as `file:line:col: warning: ...`.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from connectors import ConnectorConfig, connector_class
 from middleware.handoff import HandoffSettings
+from middleware.logs import secret_name
 from middleware.platforms import PLATFORM_TYPES, PlatformConfig
 from middleware.yamlfile import (
     ConfigError,
@@ -26,6 +34,8 @@ from middleware.yamlfile import (
     pydantic_problems,
 )
 
+log = logging.getLogger("switchboard.config")
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -37,6 +47,10 @@ class StoreSettings(_Section):
     batch_max: int = Field(default=512, ge=1)
     #: days a handled message id is kept for dedupe
     dedupe_days: float = Field(default=7.0, gt=0)
+    #: at start: `auto` upgrades the schema (under a lock: safe with nodes starting at once); `check`
+    #: refuses to start unless it is current (`switchboard migrate` does it). Either way a node refuses a
+    #: database a newer version migrated (docs/operations.md#upgrades-and-schema-migrations).
+    migrate: Literal["auto", "check"] = "auto"
 
     @field_validator("url")
     @classmethod
@@ -69,6 +83,9 @@ class DispatchSettings(_Section):
     retry_after_seconds: int = Field(default=5, ge=1)
     lease_seconds: float = Field(default=30.0, gt=1)
     sweep_seconds: float = Field(default=2.0, gt=0)
+    #: a conversation keeps its lease (and its state in memory) this long after its last turn, so
+    #: that its next message runs without claiming it again; 0 releases at once
+    linger_seconds: float = Field(default=2.0, ge=0)
     #: a turn's whole deadline (flow engine and connectors)
     turn_timeout: float = Field(default=30.0, gt=0)
     #: SIGTERM: webhooks get 503, turns in flight finish (or go to another node), leases are handed
@@ -135,18 +152,57 @@ class Settings(_Section):
         return Path(self.source).parent if self.source != "<defaults>" else Path.cwd()
 
 
-def load_settings(path: Path | str, env: dict[str, str] | None = None) -> Settings:
-    """Read, interpolate and validate a config file; raise ConfigError listing every problem."""
+def load_settings(path: Path | str, env: dict[str, str] | None = None, *, warn: bool = True) -> Settings:
+    """Read, interpolate and validate a config file; raise ConfigError listing every problem.
+
+    With `warn`, each literal secret in the file is logged as a warning (see `literal_secrets`)."""
     path = Path(path)
     doc = load_yaml(path)
-    return settings_from_doc(doc, env)
+    return settings_from_doc(doc, env, warn=warn)
 
 
 def settings_from_text(text: str, file: str = "<config>", env: dict[str, str] | None = None) -> Settings:
     return settings_from_doc(parse_yaml(text, file), env)
 
 
-def settings_from_doc(doc: YamlDoc, env: dict[str, str] | None = None) -> Settings:
+#: a URL's `user:password@`, the password not from the environment
+_URL_PASSWORD = re.compile(r"://[^:/@\s]+:([^@\s/]+)@")
+
+
+def literal_secrets(doc: YamlDoc) -> list[Problem]:
+    """The secrets written in the file instead of `${ENV}`, one per field, at the value's position.
+
+    Read before `${ENV}` interpolation: a value holding any `${...}` is taken from the environment."""
+    found: list[Problem] = []
+
+    def walk(value: Any, path: PathKey, named: bool) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, (*path, key), named or secret_name(str(key)))
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(item, (*path, i), named)
+        elif isinstance(value, str) and value.strip():
+            field = ".".join(str(k) for k in path)
+            if named and "${" not in value:
+                found.append(
+                    doc.problem(path, f"{field} is a secret written in the file; put it in the environment: ${{NAME}}")
+                )
+            elif any("${" not in m.group(1) for m in _URL_PASSWORD.finditer(value)):
+                found.append(
+                    doc.problem(
+                        path, f"{field} holds a password written in the file; put it in the environment: ${{NAME}}"
+                    )
+                )
+
+    walk(doc.data, (), False)
+    return found
+
+
+def settings_from_doc(doc: YamlDoc, env: dict[str, str] | None = None, *, warn: bool = True) -> Settings:
+    if warn:
+        for literal in literal_secrets(doc):
+            log.warning("%s", literal)
     problems = interpolate_env(doc, env)
     data = doc.data if doc.data is not None else {}
     if not isinstance(data, dict):

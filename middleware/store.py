@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -38,7 +39,6 @@ from sqlalchemy import (
     exists,
     func,
     insert,
-    inspect,
     literal,
     or_,
     select,
@@ -50,6 +50,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlmodel import Field, SQLModel
 
+from middleware import migrate as migrations
+from middleware.migrate import Policy
 from middleware.model import ConversationState, Inbound, Outgoing, Sender, Timer, Transition
 
 log = logging.getLogger("switchboard.store")
@@ -267,7 +269,7 @@ class Store:
         self._accept_stmt = (
             self._insert(INBOX)
             .on_conflict_do_nothing(index_elements=["platform", "message_id"])
-            .returning(INBOX.c.platform, INBOX.c.message_id)
+            .returning(INBOX.c.platform, INBOX.c.message_id, INBOX.c.id)
         )
         self._hot = _HotStatements(self._insert, self.dialect == "postgresql")
         self._queue: queue.SimpleQueue[tuple[Callable[[Connection], Any], asyncio.Future[Any]] | None] = (
@@ -282,20 +284,30 @@ class Store:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, *, migrate: Policy = "auto") -> None:
+        """Bring the schema to this version's (middleware/migrate.py), then start the writer.
+
+        `migrate` (the config's `store.migrate`): `auto` upgrades the database (under a lock, in one
+        transaction); `check` raises SchemaError unless it is at this version's head. A database at a
+        newer revision than this version knows raises SchemaError either way: nothing is touched."""
+        memory = ":memory:" in self.url or self.url.rstrip("/") == "sqlite:"
+        if not memory:  # the migration's own connection: a transaction of its own, DDL included
+            try:
+                await asyncio.to_thread(self._create_tables, migrate)
+            except Exception as exc:
+                raise _translate(exc) from exc
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._writer, name="store-writer", daemon=True)
         self._thread.start()
-        await self.run(self._create_tables)
+        if memory:  # one connection per database: the writer's
+            await self.run(functools.partial(self._create_tables, migrate))
 
-    def _create_tables(self, conn: Connection) -> None:
-        if self.dialect == "postgresql":
-            # nodes starting at once on an empty database would race to CREATE the same tables
-            conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('switchboard.create_tables'))"))
-        SQLModel.metadata.create_all(conn)
-        # columns added after a table was first created (create_all leaves existing tables alone)
-        if "skills" not in {col["name"] for col in inspect(conn).get_columns("agent")}:
-            conn.execute(text("ALTER TABLE agent ADD COLUMN skills VARCHAR(1000) NOT NULL DEFAULT ''"))
+    def _create_tables(self, migrate: Policy, conn: Connection | None = None) -> None:
+        if conn is not None:
+            migrations.prepare(conn, migrate)
+            return
+        with migrations.transaction(self.url) as own:
+            migrations.prepare(own, migrate)
 
     async def close(self) -> None:
         if self._thread is not None:
@@ -386,6 +398,10 @@ class Store:
         A message flagged in `flooded` (its sender is over its rate, middleware/flood.py) is stored
         as `flooded`: kept and deduped, but never pending, so no turn runs for it.
         """
+        return [inbox_id is not None for inbox_id in await self.accept_ids(messages, flooded)]
+
+    async def accept_ids(self, messages: Sequence[Inbound], flooded: Sequence[bool] = ()) -> list[int | None]:
+        """`accept`, giving per message its inbox id when it was new (None = duplicate)."""
         if not messages:
             return []
         now = time.time()
@@ -402,14 +418,9 @@ class Store:
             }
             for m, flood in zip(messages, flags, strict=True)
         ]
-        inserted: set[tuple[str, str]] = await self.run(_Accept(self._accept_stmt, rows))
-        seen: set[tuple[str, str]] = set()
-        out = []
-        for m in messages:
-            k = (m.platform, m.message_id)
-            out.append(k in inserted and k not in seen)
-            seen.add(k)
-        return out
+        inserted: dict[tuple[str, str], int] = await self.run(_Accept(self._accept_stmt, rows))
+        # a message sent twice in one webhook is new the first time only
+        return [inserted.pop((m.platform, m.message_id), None) for m in messages]
 
     # -- leases and turns --------------------------------------------------------------------
 
@@ -488,10 +499,12 @@ class Store:
         cancel_timers: Sequence[str] = (),
         user_vars: tuple[str, dict[str, Any]] | None = None,
         transitions: Sequence[Transition] = (),
-    ) -> None:
+    ) -> list[OutboxItem]:
         """Write a turn atomically: the conversation's state, its messages handled, its outbox rows,
         its timers (cancelled by name, then new ones) and changed user-scope variables.
 
+        Returns the outbox rows it added, in order (a row whose idempotency key was stored already,
+        by an earlier run of the same turn, is not added again and not returned).
         Raises LeaseLost (and writes nothing) if another claim took the conversation meanwhile.
         """
         now = time.time()
@@ -548,13 +561,14 @@ class Store:
             for t in transitions
         ]
 
-        def op(conn: Connection) -> None:
+        def op(conn: Connection) -> list[OutboxItem]:
             if conn.execute(set_state, state_params).rowcount != 1:
                 raise LeaseLost(lease.key)
             if inbox_ids:
                 conn.execute(hot.done, done_params)
+            added: dict[str, int] = {}
             if rows:
-                conn.execute(hot.add_outbox, rows)
+                added = {r[1]: r[0] for r in conn.execute(hot.add_outbox, rows[0] if len(rows) == 1 else rows)}
             if cancel_timers:
                 conn.execute(hot.cancel_timers, cancel_params)
             if timer_rows:
@@ -563,8 +577,13 @@ class Store:
                 self._merge_user(conn, user_vars[0], user_vars[1], now)
             if owner_rows:
                 conn.execute(insert(OWNERSHIP), owner_rows)
+            return [
+                OutboxItem(added[key], lease.key, str(row["platform"]), item, key, 0, 0.0)
+                for (item, key), row in zip(outgoing, rows, strict=True)
+                if key in added
+            ]
 
-        await self.run(op, key=lease.key)
+        return await self.run(op, key=lease.key)
 
     def _merge_user(self, conn: Connection, key: str, changes: dict[str, Any], now: float) -> None:
         row = conn.execute(select(USER.c.vars).where(USER.c.key == key)).first()
@@ -1149,7 +1168,9 @@ class _HotStatements:
             .where(i.id.in_(bindparam("p_ids", expanding=True)))
             .values(status="done", handled_at=bindparam("p_now"))
         )
-        self.add_outbox = insert(OUTBOX).on_conflict_do_nothing(index_elements=["idempotency_key"])
+        self.add_outbox = (
+            insert(OUTBOX).on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(o.id, o.idempotency_key)
+        )
         self.cancel_timers = (
             update(TIMER)
             .where(
@@ -1189,12 +1210,12 @@ class _Accept:
         self.rows = rows
         self.keys = [(r["platform"], r["message_id"]) for r in rows]
 
-    def __call__(self, conn: Connection) -> set[tuple[str, str]]:
+    def __call__(self, conn: Connection) -> dict[tuple[str, str], int]:
         return self._insert(conn, self.stmt, self.rows)
 
     @classmethod
-    def _insert(cls, conn: Connection, stmt: Any, rows: list[dict[str, Any]]) -> set[tuple[str, str]]:
-        inserted: set[tuple[str, str]] = set()
+    def _insert(cls, conn: Connection, stmt: Any, rows: list[dict[str, Any]]) -> dict[tuple[str, str], int]:
+        inserted: dict[tuple[str, str], int] = {}
         # in key order: two nodes inserting the same duplicates wait for each other in one order, not in a cycle
         rows = sorted(rows, key=lambda r: (r["platform"], r["message_id"]))
         for i in range(0, len(rows), cls.CHUNK):
@@ -1202,21 +1223,19 @@ class _Accept:
             # one compiled statement for any number of rows: SQLAlchemy's "insertmanyvalues" batches
             # an executemany with RETURNING into multi-row INSERTs on both SQLite and PostgreSQL
             result = conn.execute(stmt, chunk[0] if len(chunk) == 1 else chunk)
-            inserted.update((r[0], r[1]) for r in result)
+            inserted.update(((r[0], r[1]), r[2]) for r in result)
         return inserted
 
     @classmethod
-    def merged(cls, conn: Connection, ops: list[_Accept]) -> dict[int, set[tuple[str, str]]]:
-        """Run several accepts as one INSERT; each gets the keys that were new for it (a key sent
-        by two webhooks in one batch is new for the first only)."""
+    def merged(cls, conn: Connection, ops: list[_Accept]) -> dict[int, dict[tuple[str, str], int]]:
+        """Run several accepts as one INSERT; each gets the keys that were new for it, with their
+        ids (a key sent by two webhooks in one batch is new for the first only)."""
         if len(ops) < 2:
             return {}
         inserted = cls._insert(conn, ops[0].stmt, [row for op in ops for row in op.rows])
-        out: dict[int, set[tuple[str, str]]] = {}
+        out: dict[int, dict[tuple[str, str], int]] = {}
         for op in ops:
-            mine = {k for k in op.keys if k in inserted}
-            inserted -= mine
-            out[id(op)] = mine
+            out[id(op)] = {k: inserted.pop(k) for k in op.keys if k in inserted}
         return out
 
 

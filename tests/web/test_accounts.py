@@ -120,11 +120,8 @@ async def test_an_agent_table_from_before_skills_gets_the_column(tmp_path: Path)
     import sqlite3
 
     db = tmp_path / "old.db"
-    with sqlite3.connect(db) as conn:
-        conn.execute(
-            "CREATE TABLE agent (name VARCHAR(200) PRIMARY KEY, password_hash VARCHAR(500) NOT NULL,"
-            " created_at FLOAT NOT NULL, updated_at FLOAT NOT NULL)"
-        )
+    with sqlite3.connect(db) as conn:  # the first release's tables (tests/data/migrations/), no skills
+        conn.executescript((Path(__file__).parent.parent / "data" / "migrations" / "0001.sqlite.sql").read_text())
         conn.execute("INSERT INTO agent VALUES ('old', 'x', 1, 1)")
     store = Store(f"sqlite:///{db}")
     await store.start()
