@@ -10,7 +10,8 @@ connectors:
     actions:                              # Switchboard's own action server, POST /rasa/webhook
       modules: [myproject.rasa_actions]   # your rasa-sdk Action subclasses, registered at start
       handoff_queue: tier1                # action_handoff's queue when the `handoff_queue` slot is empty
-      token: ${RASA_ACTIONS_TOKEN}        # optional: endpoints.yml `action_endpoint: {url, token}`
+      token: ${RASA_ACTIONS_TOKEN}        # endpoints.yml `action_endpoint: {url, token}`; without it (or
+                                          # allow_unauthenticated: true) /rasa/webhook refuses this Rasa's calls
 ```
 
 Each turn posts `{"sender": <conversation key>, "message": <text>, "metadata": {<the conversation's
@@ -46,8 +47,11 @@ class RasaActionsConfig(BaseModel):
 
     #: modules to import; their rasa-sdk `Action` subclasses are registered with the executor
     modules: tuple[str, ...] = ()
-    #: when set, Rasa must send it as `?token=` (endpoints.yml: action_endpoint: {url, token})
+    #: Rasa must send it as `?token=` (endpoints.yml: action_endpoint: {url, token}); without a token
+    #: the action endpoint refuses calls for this Rasa unless `allow_unauthenticated` is true
     token: str | None = None
+    #: serve /rasa/webhook to anyone who can reach it, with no token (a warning at start-up says so)
+    allow_unauthenticated: bool = False
     #: action_handoff: the queue when the `queue_slot` slot is empty
     handoff_queue: str = "default"
     queue_slot: str = "handoff_queue"
@@ -85,6 +89,19 @@ class RasaConnector(HttpConnector):
         super().__init__(name, config, http)
         #: rasa-sdk's ActionExecutor with the built-in and the configured actions (for /rasa/webhook)
         self.executor = rasa_actions.build_executor(self)
+        actions = self.config.actions
+        if not actions.token and actions.allow_unauthenticated:
+            log.warning(
+                "connector %r: POST /rasa/webhook runs this Rasa's actions (handoff, variables) for anyone who "
+                "can reach it: actions.allow_unauthenticated is true and no actions.token is set",
+                name,
+            )
+        elif not actions.token and actions.modules:
+            log.warning(
+                "connector %r: actions.modules are set but no actions.token: POST /rasa/webhook refuses every "
+                "call for this Rasa (set actions.token, or actions.allow_unauthenticated: true)",
+                name,
+            )
 
     async def call_ask(self, call: Call, turn: ConnectorTurn) -> ConnectorResult:
         cfg = self.config

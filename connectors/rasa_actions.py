@@ -1,10 +1,13 @@
 """Switchboard as a Rasa action server: `POST /rasa/webhook`, built on rasa-sdk's `ActionExecutor`.
 
-Point the Rasa bot's `endpoints.yml` at it (`action_endpoint: {url: http://switchboard:8080/rasa/webhook}`).
-It answers Rasa's action-server protocol as rasa-sdk's own webhook does (rasa_sdk/endpoint.py): 200
-`{"events", "responses"}`; 400 when an action rejects; 404 `{"error": "No registered action found for
-name 'x'.", "action_name"}`; 449 when the request carries no `domain` (Rasa resends it with one); 500
-with the request body when an action raises.
+Point the Rasa bot's `endpoints.yml` at it (`action_endpoint: {url:
+http://switchboard:8080/rasa/webhook, token: ...}`). Safe by default: a call is served only for a
+`rasa` connector whose `actions.token` it carries as `?token=`, or one with
+`actions.allow_unauthenticated: true` (a warning at start-up); with neither configured the endpoint
+answers 403 to every call. It answers Rasa's action-server protocol as rasa-sdk's own webhook does
+(rasa_sdk/endpoint.py): 200 `{"events", "responses"}`; 400 when an action rejects; 404 `{"error": "No
+registered action found for name 'x'.", "action_name"}`; 449 when the request carries no `domain`
+(Rasa resends it with one); 500 with the request body when an action raises.
 
 Built-in actions, acting on the Switchboard conversation whose key is the tracker's sender id (the
 `rasa` connector sends the conversation key as `sender`):
@@ -180,6 +183,13 @@ def _rasa_connectors(request: Request) -> list[RasaConnector]:
     return [c for c in services.engine.resources.connectors.values() if isinstance(c, RasaConnector)]
 
 
+def _authorised(connector: RasaConnector, given: bytes) -> bool:
+    token = connector.config.actions.token
+    if token:
+        return hmac.compare_digest(given, token.encode())
+    return connector.config.actions.allow_unauthenticated
+
+
 def _error(status: int, message: str, action: str | None = None, **extra: Any) -> JSONResponse:
     body: dict[str, Any] = {"error": message}
     if action is not None:
@@ -195,14 +205,20 @@ async def webhook(request: Request) -> Response:
     """`POST /rasa/webhook`: one action call from Rasa, answered as rasa-sdk's webhook answers it."""
     from rasa_sdk.interfaces import ActionExecutionRejection, ActionMissingDomainException, ActionNotFoundException
 
-    connectors = _rasa_connectors(request)
-    if not connectors:
+    configured = _rasa_connectors(request)
+    if not configured:
         return _error(404, "no rasa connector is configured in this Switchboard")
-    tokens = [c.config.actions.token for c in connectors if c.config.actions.token]
-    if tokens:
-        given = request.query_params.get("token", "").encode()
-        if not any(hmac.compare_digest(given, t.encode()) for t in tokens):
-            return _error(401, "missing or bad token (endpoints.yml action_endpoint: token)")
+    if not any(c.config.actions.token or c.config.actions.allow_unauthenticated for c in configured):
+        return _error(
+            403,
+            "the rasa action endpoint is off: set the rasa connector's actions.token "
+            "(or actions.allow_unauthenticated: true)",
+        )
+    given = request.query_params.get("token", "").encode()
+    # the connectors this call may act for: its token's, and those that take calls without one
+    connectors = [c for c in configured if _authorised(c, given)]
+    if not connectors:
+        return _error(401, "missing or bad token (endpoints.yml action_endpoint: token)")
     raw = b""
     async for chunk in request.stream():
         raw += chunk

@@ -74,6 +74,13 @@ def redact(text: str) -> str:
     return text
 
 
+def secret_name(name: str) -> bool:
+    """A config key whose value is a secret (`bot_token`, `app_secret`, `Authorization`), not one that
+    names where a secret is or something else about it (`token_url`, `api_key_env`, `max_tokens`)."""
+    lowered = name.lower()
+    return any(w in lowered for w in _SECRET_WORDS) and not lowered.endswith(_NOT_SECRET_SUFFIXES)
+
+
 def secret_values(data: object, named: bool = False) -> Iterable[str]:
     """Every string in `data` (a config as plain data) under a key named like a secret (`bot_token`,
     `app_secret`, `headers: {Authorization: ...}`), the values of environment variables that

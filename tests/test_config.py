@@ -481,3 +481,64 @@ def test_check_reports_config_problems_and_missing_paths(tmp_path: Path) -> None
     m = LINE.match(line)
     assert m and Path(m["file"]).resolve() == (tmp_path / "flows" / "f.yaml").resolve(), line
     assert (int(m["line"]), int(m["col"])) == at(broken, "strat")
+
+
+# -- secrets written in the file instead of ${ENV} ---------------------------------------------------
+
+LITERAL_SECRETS = """\
+store:
+  url: postgresql://sb:hunter2-pg@db.internal/sb
+flows: flows
+platforms:
+  tg:
+    type: telegram
+    token: "123456:literal-bot-token"
+    secret_token: ${TG_SECRET}
+  myapp:
+    type: generic
+    secret: literal-hmac-secret
+    post_message_url: http://chat.internal/api/messages
+connectors:
+  bot:
+    type: http
+    url: http://bot.internal/turn
+    headers: {Authorization: "Bearer literal-bearer-value"}
+admin: {token: "${ADMIN_TOKEN:-}"}
+"""
+
+
+def test_each_literal_secret_is_warned_once_by_path_never_by_value(caplog: pytest.LogCaptureFixture) -> None:
+    env = {"TG_SECRET": "from-the-env", "ADMIN_TOKEN": "also-env"}
+    with caplog.at_level("WARNING", logger="switchboard.config"):
+        loaded = settings_from_text(LITERAL_SECRETS, "sb.yaml", env)
+    assert loaded.platforms["myapp"].secret == "literal-hmac-secret", "a warning, not an error"  # type: ignore[attr-defined]
+    warned = [r.getMessage() for r in caplog.records if r.name == "switchboard.config"]
+    expected = {
+        "store.url": "postgresql",
+        "platforms.tg.token": '"123456',
+        "platforms.myapp.secret": "literal-hmac",
+        "connectors.bot.headers.Authorization": '"Bearer',
+    }
+    assert len(warned) == len(expected), warned
+    for field, token in expected.items():
+        line, col = at(LITERAL_SECRETS, token)
+        assert any(w.startswith(f"sb.yaml:{line}:{col}: {field} ") for w in warned), (field, warned)
+    assert all("environment" in w for w in warned)
+    for value in ("hunter2-pg", "literal-bot-token", "literal-hmac-secret", "literal-bearer-value"):
+        assert value not in caplog.text
+    assert not any("secret_token" in w or "admin" in w for w in warned), "values from ${ENV} are fine"
+
+
+@pytest.mark.slow
+def test_check_reports_literal_secrets_as_warnings_and_passes(tmp_path: Path) -> None:
+    text = "store:\n  url: sqlite:///x.db\nflows: flows\n" + PLATFORM + "    secret: literal-hmac-secret\n"
+    (tmp_path / "flows").mkdir()
+    (tmp_path / "flows" / "f.yaml").write_text(BASE)
+    (tmp_path / "sb.yaml").write_text(text)
+    result = check(tmp_path / "sb.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    line, col = at(text, "literal-hmac-secret")
+    (reported,) = result.stdout.splitlines()
+    assert reported.startswith(f"{tmp_path / 'sb.yaml'}:{line}:{col}: warning: platforms.myapp.secret "), reported
+    assert "literal-hmac-secret" not in result.stdout + result.stderr
+    assert "1 warning(s)" in result.stderr

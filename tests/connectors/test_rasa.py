@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,6 +27,8 @@ from tests.fakes.rasa import FakeRasa, recorded
 
 URL = "http://rasa.test"
 ADMIN = "admin-token"
+#: Switchboard's action endpoint takes calls with this token (actions.token) in the tests below
+ACTIONS = "act-secret"
 
 
 def connector(fake: FakeRasa, name: str = "rasa", **config: Any) -> RasaConnector:
@@ -166,7 +169,7 @@ async def test_the_fallback_chain_takes_over_in_a_flow(tmp_path: Path) -> None:
 
 @contextlib.asynccontextmanager
 async def switchboard(
-    tmp_path: Path, fake: FakeRasa, actions: str = "{}", flow_do: str = "[{ask: {connector: rasa}}]"
+    tmp_path: Path, fake: FakeRasa, actions: str = f"{{token: {ACTIONS}}}", flow_do: str = "[{ask: {connector: rasa}}]"
 ) -> AsyncIterator[tuple[Server, Services, FakePlatform, httpx.AsyncClient]]:
     flows = tmp_path / "flows"
     flows.mkdir()
@@ -187,6 +190,7 @@ async def switchboard(
         settings = generic_config(f"sqlite:///{tmp_path}/sb.db", platform_server.url, flows, extra=extra)
         async with running(settings) as (server, services):
             fake.action_url = f"{server.url}/rasa/webhook"
+            fake.action_token = ACTIONS if ACTIONS in actions else None
             fake.action_http = http
             yield server, services, platform, http
 
@@ -226,7 +230,7 @@ async def test_rasa_hands_off_through_switchboards_action_endpoint(tmp_path: Pat
 
 async def test_a_users_own_rasa_sdk_action_sets_variables_and_hands_off(tmp_path: Path) -> None:
     fake = FakeRasa(actions={"vip": "action_vip"}, answers={"vip": []})
-    actions = "{modules: [tests.connectors.rasa_user_actions]}"
+    actions = f"{{modules: [tests.connectors.rasa_user_actions], token: {ACTIONS}}}"
     async with switchboard(tmp_path, fake, actions) as (server, services, platform, http):
         await http.post(f"{server.url}/webhooks/myapp", json=message(1, text="vip"))
         await wait_for(lambda: len(texts(platform)) >= 1)
@@ -242,9 +246,9 @@ async def test_a_users_own_rasa_sdk_action_sets_variables_and_hands_off(tmp_path
 
 async def test_the_endpoint_answers_as_rasa_sdk_does(tmp_path: Path) -> None:
     fake = FakeRasa()
-    actions = "{modules: [tests.connectors.rasa_user_actions]}"
+    actions = f"{{modules: [tests.connectors.rasa_user_actions], token: {ACTIONS}}}"
     async with switchboard(tmp_path, fake, actions) as (server, _, _platform, http):
-        url = f"{server.url}/rasa/webhook"
+        url = f"{server.url}/rasa/webhook?token={ACTIONS}"
         call = recorded("action_call_handoff.json")
         # no conversation of this process is in a turn: answered, and the handoff is dropped
         r = await http.post(url, json=call)
@@ -268,11 +272,42 @@ async def test_the_endpoint_answers_as_rasa_sdk_does(tmp_path: Path) -> None:
 
 async def test_the_endpoint_checks_rasas_token(tmp_path: Path) -> None:
     fake = FakeRasa()
-    async with switchboard(tmp_path, fake, "{token: act-secret}") as (server, _, _platform, http):
+    async with switchboard(tmp_path, fake) as (server, _, _platform, http):
         call = recorded("action_call_set_variable.json")
         assert (await http.post(f"{server.url}/rasa/webhook", json=call)).status_code == 401
-        r = await http.post(f"{server.url}/rasa/webhook?token=act-secret", json=call)
+        assert (await http.post(f"{server.url}/rasa/webhook?token=nope", json=call)).status_code == 401
+        r = await http.post(f"{server.url}/rasa/webhook?token={ACTIONS}", json=call)
         assert r.status_code == 200
+
+
+async def test_without_a_token_the_endpoint_is_off(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    fake = FakeRasa(actions={"vip": "action_handoff"}, answers={"vip": [{"text": "ok"}]})
+    actions = "{modules: [tests.connectors.rasa_user_actions]}"
+    with caplog.at_level(logging.WARNING, logger="switchboard.connectors.rasa"):
+        async with switchboard(tmp_path, fake, actions) as (server, services, platform, http):
+            r = await http.post(f"{server.url}/rasa/webhook", json=recorded("action_call_handoff.json"))
+            assert r.status_code == 403 and "actions.token" in r.json()["error"]
+            await http.post(f"{server.url}/webhooks/myapp", json=message(1, text="vip"))
+            await wait_for(lambda: texts(platform) == ["ok"])
+            assert fake.action_calls[0][0] == 403, "Rasa's own action call is refused too"
+            conversation = await services.store.conversation("myapp:c-1")
+            assert conversation is not None and conversation["state"]["owner"] == "bot"
+    assert "actions.modules are set but no actions.token" in caplog.text
+
+
+async def test_unauthenticated_calls_only_by_explicit_opt_in_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = FakeRasa(actions={"human": "action_handoff"}, answers={"human": [{"text": "ok"}]})
+    with caplog.at_level(logging.WARNING, logger="switchboard.connectors.rasa"):
+        async with switchboard(tmp_path, fake, "{allow_unauthenticated: true}") as (server, services, platform, http):
+            await http.post(f"{server.url}/webhooks/myapp", json=message(1, text="human"))
+            await wait_for(lambda: texts(platform) == ["ok"])
+            assert fake.action_calls == [(200, {"events": [], "responses": []})]
+            await wait_for(lambda: services.dispatcher.backlog == 0)
+            conversation = await services.store.conversation("myapp:c-1")
+            assert conversation is not None and conversation["state"]["owner"] == "queued"
+    assert "actions.allow_unauthenticated is true" in caplog.text
 
 
 async def test_action_set_variable_copies_filled_slots(tmp_path: Path) -> None:

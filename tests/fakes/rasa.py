@@ -45,6 +45,8 @@ class FakeRasa(FakeEngine):
     #: message text -> custom action Rasa runs for it (through `action_url`), before answering
     actions: dict[str, str] = field(default_factory=dict)
     action_url: str | None = None
+    #: endpoints.yml `action_endpoint: {token}`: Rasa sends it as `?token=` on every action call
+    action_token: str | None = None
     #: the HTTP client the fake calls the action server with
     action_http: httpx.AsyncClient | None = None
     action_calls: list[tuple[int, Any]] = field(default_factory=list)
@@ -81,7 +83,8 @@ class FakeRasa(FakeEngine):
         call["tracker"]["sender_id"] = sender
         call["tracker"]["latest_message"]["text"] = text
         call["tracker"]["latest_message"]["metadata"] = metadata
-        response = await self.action_http.post(self.action_url, json=call)
+        params = {"token": self.action_token} if self.action_token is not None else None
+        response = await self.action_http.post(self.action_url, json=call, params=params)
         body = response.json() if response.content else None
         self.action_calls.append((response.status_code, body))
         if response.status_code != 200 or not isinstance(body, dict):
