@@ -164,7 +164,8 @@ class HandoffMachine:
             "reason": handoff.reason,
             "resume": handoff.resume or self.settings.resume_state,
             "since": now.timestamp(),
-            "history_at": len(ctx.state.history) + 1,
+            # the history's length at the end of this turn (set by the engine then): what give-back keeps
+            "history_at": None,
             "agent": None,
         }
         ctx.actions.append(handoff)
@@ -211,7 +212,7 @@ class HandoffMachine:
                 self._assign(ctx, agent)
             if text:
                 ctx.replies.append(Reply(text))
-                ctx.state.history.append(["agent", text[:2000]])
+                ctx.speaker = "agent"  # in the history as the agent's, not the bot's
             if ctx.state.owner == Owner.AGENT and self.settings.agent_idle is not None:
                 ctx.cancel_timers.append(TIMER_AGENT_IDLE)
                 ctx.timers.append(Timer(self.settings.agent_idle, TIMER_AGENT_IDLE, {}))
@@ -247,11 +248,15 @@ class HandoffMachine:
 
     def give_back(self, ctx: TurnContext, actor: str, reason: str, *, resume: bool = True) -> None:
         """The bot owns the conversation again; after a human had it, it resumes at the handoff's
-        resume state (after a queue timeout nobody helped, so it carries on where it was)."""
+        resume state (after a queue timeout nobody helped, so it carries on where it was).
+
+        The history keeps the conversation up to and including the handoff's turn (the user's
+        request, the bot's "Connecting you..."); what came after (the user's messages to the people,
+        the agent's talk) is not the bot's context and is dropped."""
         handoff = ctx.state.handoff or {}
-        cut = int(handoff.get("history_at", len(ctx.state.history)))
-        # the handoff period's turns ("I'll stay quiet", the agent's talk) are not the bot's context
-        del ctx.state.history[max(0, cut - 1) :]
+        kept = handoff.get("history_at")
+        if kept is not None:
+            del ctx.state.history[max(0, int(kept)) :]
         ctx.state.handoff = None
         self._move(ctx, Owner.BOT, actor, reason)
         ctx.cancel_timers.extend(HANDOFF_TIMERS)
@@ -287,8 +292,8 @@ class HandoffMachine:
         return False
 
     def user_message(self, ctx: TurnContext) -> None:
-        """A user wrote while a human owns the conversation: it goes to them; the bot stays silent."""
-        ctx.state.history.append(["user", ctx.message.text[:2000]])
+        """A user wrote while a human owns the conversation: it goes to them; the bot stays silent
+        (the engine records the message in the history, as every user message)."""
         if self.settings.user_idle is not None:
             ctx.cancel_timers.append(TIMER_USER_IDLE)
             ctx.timers.append(Timer(self.settings.user_idle, TIMER_USER_IDLE, {}))

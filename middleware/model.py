@@ -289,8 +289,11 @@ class ConversationState:
     entered: int = 0
     #: recent turns for connectors: [["user" | "bot", text]]
     history: list[list[str]] = field(default_factory=list)
-    #: the open handoff: {"queue", "reason", "resume", "since", "history_at", "agent"}
+    #: the open handoff: {"queue", "reason", "resume", "since", "history_at", "agent"}; `history_at`
+    #: is the history's length at the end of the handoff's turn: what a give-back keeps
     handoff: dict[str, Any] | None = None
+    #: `on: conversation.started` has had its moment (a platform's own event, or the first message)
+    started: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -305,6 +308,7 @@ class ConversationState:
             "entered": self.entered,
             "history": self.history,
             "handoff": self.handoff,
+            "started": self.started,
         }
 
     @classmethod
@@ -323,6 +327,8 @@ class ConversationState:
             entered=int(data.get("entered", 0)),
             history=[list(h) for h in data.get("history") or []],
             handoff=data.get("handoff"),
+            # stored before this key existed: a conversation with turns had its start
+            started=bool(data.get("started", int(data.get("turns", 0)) > 0)),
         )
 
     def copy(self) -> ConversationState:

@@ -64,6 +64,8 @@ class TurnContext:
     switch: tuple[str, str] | None = None
     stopped: bool = False
     missed: bool = False
+    #: who the turn's replies come from, as the history records them ("agent" for an agent's message)
+    speaker: str = "bot"
 
     @property
     def vars(self) -> dict[str, Any]:

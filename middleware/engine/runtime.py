@@ -11,7 +11,15 @@ from connectors.base import ConnectorError
 from middleware.engine.actions import TIMER_EXPECT, TIMER_SCHEDULED, TIMER_STATE
 from middleware.engine.flow import Action, Flow, Resources, Route, TurnContext
 from middleware.engine.templates import TemplateFailed
-from middleware.model import ConversationState, Inbound, Owner, Timer, Transition, TurnResult
+from middleware.model import (
+    EVENT_CONVERSATION_STARTED,
+    ConversationState,
+    Inbound,
+    Owner,
+    Timer,
+    Transition,
+    TurnResult,
+)
 
 log = logging.getLogger("switchboard.engine")
 
@@ -92,7 +100,10 @@ class Engine:
             new.turns += 1
             _remember(new, "user", message.text)
         for reply in ctx.replies:
-            _remember(new, "bot", reply.plain_text())
+            _remember(new, ctx.speaker, reply.plain_text())
+        if new.handoff is not None and new.handoff.get("history_at") is None:
+            # handed off in this turn: a give-back keeps the history up to here (the request, "Connecting...")
+            new.handoff["history_at"] = len(new.history)
         return TurnResult(
             tuple(ctx.replies),
             tuple(ctx.actions),
@@ -129,6 +140,15 @@ class Engine:
                 elif before == Owner.QUEUED and state.owner == Owner.AGENT and "agent.assigned" in flow.on:
                     await self._run(flow.on["agent.assigned"], ctx)
                 return
+            if state.owner in (Owner.QUEUED, Owner.AGENT):
+                # a person has it: the bot stays silent; no `on:` handler, no routes (docs/handoff.md)
+                ctx.trace.append(f"event {event} while a human owns it: ignored, the bot stays silent")
+                return
+            if event == EVENT_CONVERSATION_STARTED:
+                if state.started:
+                    ctx.trace.append("conversation.started: the conversation has started already, ignored")
+                    return
+                state.started = True  # the platform's own start: the first message does not run it again
             handler = flow.on.get(event)
             if handler is not None:
                 ctx.trace.append(f"on {event}")
@@ -144,9 +164,12 @@ class Engine:
             state.state = flow.start
         if message.type != "event":
             ctx.cancel_timers.append(TIMER_EXPECT)
-        if ctx.first and "conversation.started" in flow.on:
+        started = message.type != "event" and not state.started
+        if started:
+            state.started = True
+        if started and EVENT_CONVERSATION_STARTED in flow.on:
             ctx.trace.append("on conversation.started")
-            await self._run(flow.on["conversation.started"], ctx)
+            await self._run(flow.on[EVENT_CONVERSATION_STARTED], ctx)
             if ctx.stopped:
                 return
         if flow.nlu and message.type == "text":
@@ -288,5 +311,9 @@ def _remember(state: ConversationState, role: str, text: str) -> None:
     if not text:
         return
     state.history.append([role, text[:2000]])
-    if len(state.history) > HISTORY_TURNS * 2:
-        del state.history[: len(state.history) - HISTORY_TURNS * 2]
+    extra = len(state.history) - HISTORY_TURNS * 2
+    if extra > 0:
+        del state.history[:extra]
+        kept = (state.handoff or {}).get("history_at")
+        if kept is not None and state.handoff is not None:  # the handoff's mark moves with the entries
+            state.handoff["history_at"] = max(0, int(kept) - extra)
