@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import NamedTuple
 
-from middleware.engine.actions import CallAction, GotoAction
+from middleware.engine.actions import AskAction, CallAction, GotoAction, HandoffAction
 from middleware.engine.conditions import AllOf, AnyOf, Not, TextIs
 from middleware.engine.flow import Action, Condition, Flow
 
-Edge = tuple[str, str, str]  # (from, to, label)
+
+class Edge(NamedTuple):
+    source: str
+    target: str
+    label: str
+    #: not a move in this turn: where the bot resumes after a handoff, when a person gives it back
+    resume: bool = False
 
 
 def edges(flow: Flow) -> list[Edge]:
@@ -18,9 +25,14 @@ def edges(flow: Flow) -> list[Edge]:
     def add(source: str, actions: Iterable[Action], label: str) -> None:
         for action in actions:
             if isinstance(action, GotoAction):
-                out.append((source, action.state, label))
+                out.append(Edge(source, action.state, label))
             elif isinstance(action, CallAction):
-                out.append((source, f"flow:{action.flow}", f"call {label}".strip()))
+                out.append(Edge(source, f"flow:{action.flow}", f"call {label}".strip()))
+            elif isinstance(action, HandoffAction) and action.resume:
+                # where the bot resumes when the person gives the conversation back
+                out.append(Edge(source, action.resume, f"{label}: handoff {action.queue}".lstrip(": "), resume=True))
+            elif isinstance(action, AskAction):
+                add(source, (a for a in action.fallback if isinstance(a, Action)), f"{label} fallback".strip())
 
     for route in flow.always:
         add("*", route.do, describe(route.when))
@@ -72,7 +84,14 @@ def _id(name: str) -> str:
 
 
 def _label(text: str) -> str:
+    """Text inside a Mermaid "..." (which has no escapes: a double quote becomes a single one)."""
     return text.replace('"', "'").replace("\n", " ")
+
+
+def _dot(text: str) -> str:
+    """Text inside a DOT "...": backslashes and double quotes escaped (a regex's `\\d` stays `\\d`,
+    a trailing backslash cannot end the string early)."""
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
 
 
 def mermaid(flow: Flow) -> str:
@@ -80,8 +99,10 @@ def mermaid(flow: Flow) -> str:
     for name in flow.states:
         shape = f'{_id(name)}(["{_label(name)}"])' if name == flow.start else f'{_id(name)}["{_label(name)}"]'
         lines.append(f"  {shape}")
-    for source, target, label in edges(flow):
-        arrow = f'-- "{_label(label)}" -->' if label else "-->"
+    for source, target, label, resume in edges(flow):
+        # a handoff's resume is dotted: it happens when a person gives the conversation back
+        solid = f'-- "{_label(label)}" -->' if label else "-->"
+        arrow = f'-. "{_label(label)}" .->' if resume else solid
         src = _id(source) if source in flow.states else f'{_id(source)}{{{{"{_label(source)}"}}}}'
         lines.append(f"  {src} {arrow} {_id(target)}")
     return "\n".join(lines) + "\n"
@@ -89,19 +110,20 @@ def mermaid(flow: Flow) -> str:
 
 def dot(flow: Flow) -> str:
     lines = [
-        f'digraph "{_label(flow.name)}" {{',
+        f'digraph "{_dot(flow.name)}" {{',
         "  rankdir=LR;",
         '  node [shape=box, style=rounded, fontname="sans"];',
     ]
     lines.append("  __start [shape=point];")
     lines.append(f"  __start -> {_id(flow.start)};")
     for name in flow.states:
-        lines.append(f'  {_id(name)} [label="{_label(name)}"];')
-    for source, target, label in edges(flow):
+        lines.append(f'  {_id(name)} [label="{_dot(name)}"];')
+    for source, target, label, resume in edges(flow):
         if source not in flow.states:
-            lines.append(f'  {_id(source)} [label="{_label(source)}", shape=diamond];')
+            lines.append(f'  {_id(source)} [label="{_dot(source)}", shape=diamond];')
         if target not in flow.states:
-            lines.append(f'  {_id(target)} [label="{_label(target)}", shape=folder];')
-        lines.append(f'  {_id(source)} -> {_id(target)} [label="{_label(label)}", fontname="sans", fontsize=10];')
+            lines.append(f'  {_id(target)} [label="{_dot(target)}", shape=folder];')
+        style = ", style=dashed" if resume else ""
+        lines.append(f'  {_id(source)} -> {_id(target)} [label="{_dot(label)}", fontname="sans", fontsize=10{style}];')
     lines.append("}")
     return "\n".join(lines) + "\n"

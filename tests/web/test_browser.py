@@ -80,7 +80,8 @@ async def test_a_user_asks_for_a_human_an_agent_helps_and_the_bot_asks_for_a_rat
             # the user, in the playground, talks to the bot and asks for a person
             await user.goto(f"{server.url}/?flow=helpdesk")
             await expect(user.locator("#live-state")).to_have_text("live")
-            await expect(user.locator("#graph svg .node")).to_have_count(3)  # the start dot, start, rate
+            # the start dot, start, rate, and "*" (the `always:` handoff, from any state, resumes at rate)
+            await expect(user.locator("#graph svg .node")).to_have_count(4)
             await user.fill("#message", "hello")
             await user.press("#message", "Enter")
             await expect(user.locator(".from-bot .msg").last).to_have_text(
