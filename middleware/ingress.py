@@ -10,6 +10,7 @@ its messages are stored as `flooded`, without a turn.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 
@@ -20,8 +21,8 @@ from middleware.dispatch import Dispatcher
 from middleware.flood import SenderLimiter
 from middleware.metrics import Metrics
 from middleware.model import Inbound
-from middleware.platforms.base import Platform, Rejected, WebhookRequest, id_problem
-from middleware.store import Store, StoreUnavailable
+from middleware.platforms.base import Platform, Rejected, WebhookRequest, id_problem, run_follow_ups
+from middleware.store import PendingMessage, Store, StoreUnavailable
 
 log = logging.getLogger("switchboard.ingress")
 
@@ -48,6 +49,8 @@ class Ingress:
         self.max_body_bytes = max_body_bytes
         self.retry_after = str(retry_after)
         self.senders = senders or SenderLimiter(None, 1)
+        #: platforms' follow-ups running in the background (platforms.base.run_follow_ups)
+        self._follow_ups: set[asyncio.Task[None]] = set()
 
     async def __call__(self, request: Request) -> Response:
         name = request.path_params["name"]
@@ -85,26 +88,26 @@ class Ingress:
             return JSONResponse(exc.body(), status_code=exc.status)
         flooded = [not self.senders.admit(m) for m in parsed.messages]
         try:
-            fresh = await self.store.accept(parsed.messages, flooded)
+            ids = await self.store.accept_ids(parsed.messages, flooded)
         except StoreUnavailable:
             for message, flood in zip(parsed.messages, flooded, strict=True):
                 if not flood:
                     self.senders.refund(message)
             return self._unavailable("store unavailable")
+        if parsed.follow_ups:  # accepted: what the platform module does besides the messages, after the answer
+            task = asyncio.create_task(run_follow_ups(platform, parsed.follow_ups))
+            self._follow_ups.add(task)
+            task.add_done_callback(self._follow_ups.discard)
         accepted = stored_flooded = 0
-        notified: set[str] = set()
-        for message, new, flood in zip(parsed.messages, fresh, flooded, strict=True):
-            if new and flood:
+        for message, inbox_id, flood in zip(parsed.messages, ids, flooded, strict=True):
+            if inbox_id is not None and flood:
                 stored_flooded += 1
-            elif new:
+            elif inbox_id is not None:
                 accepted += 1
-                key = message.conversation_key
-                if key not in notified:
-                    notified.add(key)
-                    self.dispatcher.notify(key)
+                self.dispatcher.notify(message.conversation_key, hint=PendingMessage(inbox_id, message))
             elif not flood:
                 self.senders.refund(message)  # a duplicate runs no turn: its token goes back
-        duplicates = len(fresh) - accepted - stored_flooded
+        duplicates = len(ids) - accepted - stored_flooded
         if accepted:
             self.dispatcher.accepted(accepted)
             self.metrics.webhooks.labels(name, "accepted").inc(accepted)

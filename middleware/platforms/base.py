@@ -9,17 +9,26 @@ A platform module does four things and nothing else knows its JSON:
 3. say what it supports (`supports_typing`, `supports_read`) and how long typing lasts there;
 4. build itself from its config model (`Config`), validated by `switchboard check`.
 
+A webhook may also call for something that is not an answer to a message (Matrix: the bot is
+invited to a room, and joins it). `parse` makes no network call (the platform is waiting for its
+answer), so it lists such work as `Parsed.follow_ups`; once the webhook is accepted (its messages,
+if any, stored) ingress hands each to `Platform.follow_up` in the background, after the answer, and
+tries a retryable failure again a few times (`run_follow_ups`). A refused webhook, or one answered
+503 because the store is down, runs none: the platform sends it again.
+
 To add a platform: subclass `Platform`, give it a pydantic `Config`, and register the type
 name in `middleware/platforms/__init__.py`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
 import itertools
 import json
+import logging
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -33,6 +42,8 @@ from pydantic import BaseModel, ConfigDict
 
 from middleware.model import Inbound, Outgoing
 from middleware.ratelimit import RateLimit
+
+_log = logging.getLogger("switchboard.platforms")
 
 
 class PlatformConfig(BaseModel):
@@ -62,17 +73,28 @@ class WebhookRequest:
     path: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class FollowUp:
+    """Work a webhook calls for besides its messages, done by `Platform.follow_up` once the webhook
+    is accepted: a `kind` the platform module defines (Matrix: "join") and what it acts on."""
+
+    kind: str
+    target: str
+
+
 @dataclass(slots=True)
 class Parsed:
     """The messages a webhook carried, and the answer the platform expects.
 
     `response` is a JSON body (a dict or list) or plain text (a str, e.g. a verification
-    challenge); None means the standard `{"accepted": N, "duplicates": M}`.
+    challenge); None means the standard `{"accepted": N, "duplicates": M}`. `follow_ups` are
+    handed to `Platform.follow_up` after the webhook is accepted.
     """
 
     messages: list[Inbound]
     response: dict[str, Any] | list[Any] | str | None = None
     status: int = 200
+    follow_ups: list[FollowUp] = field(default_factory=list)
 
 
 class Rejected(Exception):
@@ -142,9 +164,45 @@ class Platform(ABC):
         are never handed to it.
         """
 
+    async def follow_up(self, item: FollowUp) -> None:
+        """Do one of a webhook's `Parsed.follow_ups` (a platform call, made after the webhook's answer);
+        raise `DeliveryError` as `deliver` does. Only platforms whose `parse` lists follow-ups get any."""
+        raise NotImplementedError(f"{type(self).__name__} lists no follow-ups, got {item.kind!r}")
+
     async def aclose(self) -> None:
         """Release what the platform holds open (a realtime connection); called once at shutdown."""
         return
+
+
+#: tries of a follow-up whose failure is retryable, and the first pause between them (doubling)
+FOLLOW_UP_ATTEMPTS = 4
+FOLLOW_UP_BACKOFF = 1.0
+
+
+async def run_follow_ups(platform: Platform, items: list[FollowUp], backoff: float = FOLLOW_UP_BACKOFF) -> None:
+    """A webhook's follow-ups, in order; a retryable `DeliveryError` is tried again (after its Retry-After,
+    else a doubling pause) up to `FOLLOW_UP_ATTEMPTS` times; a failure that stays is logged, never raised."""
+    for item in items:
+        for attempt in range(1, FOLLOW_UP_ATTEMPTS + 1):
+            try:
+                await platform.follow_up(item)
+                break
+            except DeliveryError as exc:
+                if not exc.retryable or attempt == FOLLOW_UP_ATTEMPTS:
+                    _log.warning(
+                        "%s %s failed after %d attempt(s): %s",
+                        item.kind,
+                        item.target,
+                        attempt,
+                        exc,
+                        extra={"platform": platform.name},
+                    )
+                    break
+                pause = exc.retry_after if exc.retry_after is not None else backoff * 2 ** (attempt - 1)
+                await asyncio.sleep(min(pause, 60.0))
+            except Exception:
+                _log.exception("%s %s failed", item.kind, item.target, extra={"platform": platform.name})
+                break
 
 
 def hmac_sha256_hex(secret: str, body: bytes) -> str:

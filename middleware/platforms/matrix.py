@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import html
+import logging
 import re
 from typing import Any
 from urllib.parse import quote
@@ -14,6 +15,7 @@ from pydantic import Field, field_validator
 from middleware.model import Attachment, Inbound, MessageType, Outgoing, Reply, Sender
 from middleware.platforms.base import (
     DeliveryError,
+    FollowUp,
     Parsed,
     Platform,
     PlatformConfig,
@@ -26,6 +28,8 @@ from middleware.platforms.base import (
     json_bytes,
     retry_after_seconds,
 )
+
+log = logging.getLogger("switchboard.platforms.matrix")
 
 TRANSACTION = re.compile(r"^(?:_matrix/app/v1/)?transactions/([^/]+)$")
 QUERY = re.compile(r"^(?:_matrix/app/v1/)?(users|rooms)/([^/]+)$")
@@ -46,6 +50,8 @@ class MatrixConfig(PlatformConfig):
     msgtype: str = Field(default="m.text", pattern=r"^m\.(text|notice)$")
     #: seconds a typing notification lasts at the homeserver without a refresh
     typing_ttl: float = Field(default=5.0, gt=0, le=120)
+    #: join a room when the bot is invited to it (after the transaction is acknowledged)
+    auto_join: bool = True
 
     @field_validator("bot_user_id")
     @classmethod
@@ -83,6 +89,8 @@ class MatrixPlatform(Platform):
     homeserver restart, only yields duplicates. Replies, typing notifications and read receipts go through
     the client-server API with the `as_token`, as `bot_user_id`; a reply's client transaction id is its
     idempotency key, so a resend after a crash gives back the first event instead of a second message.
+    An invitation of the bot (`m.room.member`, `membership: invite`, `state_key` = the bot) is a
+    follow-up: once the transaction is accepted, the bot joins the room (`auto_join`).
     """
 
     Config = MatrixConfig
@@ -105,7 +113,8 @@ class MatrixPlatform(Platform):
         path = request.path.strip("/")
         if TRANSACTION.match(path):
             _method(request, "PUT")
-            return Parsed(self._transaction(request), {})
+            messages, invited = self._transaction(request)
+            return Parsed(messages, {}, follow_ups=[FollowUp("join", room) for room in invited])
         if path == PING:
             _method(request, "POST")
             return Parsed([], {})
@@ -134,7 +143,8 @@ class MatrixPlatform(Platform):
         if not all(good):
             raise MatrixRejected(403, "M_FORBIDDEN", "bad hs_token")
 
-    def _transaction(self, request: WebhookRequest) -> list[Inbound]:
+    def _transaction(self, request: WebhookRequest) -> tuple[list[Inbound], list[str]]:
+        """The transaction's messages, and the rooms the bot is invited to in it (to join)."""
         try:
             data = decode_json(request)
         except Rejected as exc:
@@ -145,11 +155,43 @@ class MatrixPlatform(Platform):
         # transaction, unchanged, until it is accepted, and holds every later event behind it.
         # Ephemeral data (typing, receipts, presence of users) is not a message and is ignored too.
         out = []
+        invited: list[str] = []
         for event in data.get("events", []):
-            message = self._event(event) if isinstance(event, dict) else None
+            if not isinstance(event, dict):
+                continue
+            message = self._event(event)
             if message is not None:
                 out.append(message)
-        return out
+            room = self._invited_to(event) if self.config.auto_join else None
+            if room is not None and room not in invited:
+                invited.append(room)
+        return out, invited
+
+    def _invited_to(self, event: dict[str, Any]) -> str | None:
+        """The room an `m.room.member` invite of the bot is for, else None.
+        https://spec.matrix.org/latest/client-server-api/#mroommember"""
+        room_id, content = event.get("room_id"), event.get("content")
+        if event.get("type") != "m.room.member" or event.get("state_key") != self.config.bot_user_id:
+            return None
+        if not isinstance(content, dict) or content.get("membership") != "invite":
+            return None
+        if not isinstance(room_id, str) or id_problem(room_id) or not room_id.startswith("!"):
+            return None
+        return room_id
+
+    async def follow_up(self, item: FollowUp) -> None:
+        if item.kind != "join":
+            raise NotImplementedError(f"matrix has no follow-up {item.kind!r}")
+        # POST /_matrix/client/v3/rooms/{roomId}/join (`{}` body: no third-party invite, no reason), answered
+        # 200 {"room_id"}; joining a room the bot is in already changes nothing, so a resent invite is harmless.
+        # https://spec.matrix.org/latest/client-server-api/#post_matrixclientv3roomsroomidjoin
+        try:
+            await self._call("POST", f"/rooms/{quote(item.target, safe='')}/join", {})
+        except DeliveryError as exc:
+            if exc.status == 403:  # the invite was withdrawn, or the bot is banned there
+                raise DeliveryError(f"cannot join {item.target}: {exc}", retryable=False, status=403) from exc
+            raise
+        log.info("joined room %s, invited", item.target, extra={"platform": self.name})
 
     def _event(self, event: dict[str, Any]) -> Inbound | None:
         event_id, room_id, sender = event.get("event_id"), event.get("room_id"), event.get("sender")

@@ -19,6 +19,7 @@ from starlette.routing import Route
 
 from middleware.model import Attachment, Button, Inbound, Outgoing, Reply
 from middleware.platforms import DeliveryError, Rejected, WebhookRequest
+from middleware.platforms.base import FollowUp
 from middleware.platforms.matrix import MatrixConfig, MatrixPlatform
 from middleware.settings import settings_from_text
 from tests.conftest import Server, running
@@ -408,6 +409,54 @@ async def test_connection_failure_is_retryable() -> None:
     assert err.value.retryable
 
 
+# -- invitations: the bot joins -------------------------------------------------------------------
+
+
+def member(room: str, membership: str, state_key: str = BOT, sender: str = "@alice:localhost") -> dict[str, Any]:
+    return {
+        "content": {"membership": membership},
+        "event_id": f"$m-{membership}-{state_key}",
+        "origin_server_ts": 1795830304981,
+        "room_id": room,
+        "sender": sender,
+        "state_key": state_key,
+        "type": "m.room.member",
+    }
+
+
+def test_an_invitation_of_the_bot_is_a_join_follow_up_not_a_message() -> None:
+    platform, api = make()
+    parsed = platform.parse(recorded("synapse-01-invite.json"))
+    assert parsed.messages == [] and parsed.follow_ups == [FollowUp("join", ROOM)]
+    others = transaction(
+        "9",
+        member("!a", "invite", state_key="@carol:localhost"),  # someone else is invited
+        member("!b", "join"),  # the bot's own join coming back
+        member("!c", "invite"),
+        member("!c", "invite"),  # twice in one transaction: one join
+        event("$t", "!c", {"msgtype": "m.text", "body": "hi"}),
+    )
+    parsed = platform.parse(others)
+    assert parsed.follow_ups == [FollowUp("join", "!c")] and [m.text for m in parsed.messages] == ["hi"]
+    assert api.calls == [], "parse makes no call"
+    off = MatrixPlatform("mx", MatrixConfig.model_validate({**CONFIG, "auto_join": False}), api.client())
+    assert off.parse(recorded("synapse-01-invite.json")).follow_ups == []
+
+
+async def test_the_join_is_the_client_server_apis_join_as_the_bot() -> None:
+    platform, api = make()
+    await platform.follow_up(FollowUp("join", "!z4k:localhost"))
+    (call,) = api.calls
+    url = httpx.URL(call.url)
+    assert call.method == "POST" and url.raw_path.split(b"?")[0] == b"/_matrix/client/v3/rooms/%21z4k%3Alocalhost/join"
+    assert url.params["user_id"] == BOT and call.headers["authorization"] == f"Bearer {AS_TOKEN}"
+    assert call.body == {}
+    api.fail_with = httpx.Response(403, json={"errcode": "M_FORBIDDEN", "error": "You are not invited to this room."})
+    with pytest.raises(DeliveryError, match="cannot join !z4k:localhost") as err:
+        await platform.follow_up(FollowUp("join", "!z4k:localhost"))
+    assert not err.value.retryable
+
+
 # -- end to end through Switchboard, with a fake homeserver -------------------------------------------
 
 
@@ -418,6 +467,9 @@ class FakeHomeserver:
     sent: dict[str, dict[str, Any]] = field(default_factory=dict)  # txn id -> content, first send only
     calls: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: rooms the bot was invited to (it may join them), and the answers to give join calls first
+    invited: set[str] = field(default_factory=set)
+    join_failures: list[Response] = field(default_factory=list)
 
     async def wait_for(self, predicate: Callable[[], bool], seconds: float) -> None:
         async with asyncio.timeout(seconds):
@@ -432,6 +484,7 @@ class FakeHomeserver:
                 Route(prefix + "/send/{type}/{txn}", self.send, methods=["PUT"]),
                 Route(prefix + "/typing/{user}", self.other, methods=["PUT"]),
                 Route(prefix + "/receipt/{rtype}/{event}", self.other, methods=["POST"]),
+                Route(prefix + "/join", self.join, methods=["POST"]),
             ]
         )
 
@@ -447,6 +500,21 @@ class FakeHomeserver:
         self.sent.setdefault(txn, body)
         self.changed.set()
         return JSONResponse({"event_id": f"$reply-{list(self.sent).index(txn)}"})
+
+    async def join(self, request: Request) -> Response:
+        """POST /_matrix/client/v3/rooms/{roomId}/join, JSON body (optional `reason`, `third_party_signed`),
+        200 {"room_id"}; 403 M_FORBIDDEN when the user may not join (not invited, banned); 429
+        M_LIMIT_EXCEEDED with retry_after_ms. https://spec.matrix.org/latest/client-server-api/#post_matrixclientv3roomsroomidjoin"""
+        if not self._authorized(request):
+            return JSONResponse({"errcode": "M_UNKNOWN_TOKEN", "error": "Invalid access token passed."}, 401)
+        room = unquote(request.path_params["room"])
+        self.calls.append(("join", room, await request.json()))
+        self.changed.set()
+        if self.join_failures:
+            return self.join_failures.pop(0)
+        if room not in self.invited:
+            return JSONResponse({"errcode": "M_FORBIDDEN", "error": "You are not invited to this room."}, 403)
+        return JSONResponse({"room_id": room})
 
     async def other(self, request: Request) -> Response:
         if not self._authorized(request):
@@ -509,3 +577,43 @@ async def test_transactions_replayed_and_renumbered_through_switchboard(tmp_path
         assert sorted(c["body"] for c in homeserver.sent.values()) == ["echo alpha", "echo beta"]
         assert len([c for c in homeserver.calls if c[0] == "send"]) == 2
         assert sorted(c[1] for c in homeserver.calls if c[0] == "read") == ["!room", "!room"]
+
+
+async def test_invited_the_bot_joins_after_the_transaction_is_acknowledged(tmp_path: Path, echo_flows: Path) -> None:
+    homeserver = FakeHomeserver(invited={ROOM, "!busy"})
+    # the homeserver is busy once: the join is tried again after its retry_after_ms
+    homeserver.join_failures.append(JSONResponse({"errcode": "M_LIMIT_EXCEEDED", "retry_after_ms": 50}, 429))
+    async with Server(homeserver.app()) as hs_server:
+        settings = settings_from_text(
+            textwrap.dedent(
+                f"""\
+                store:
+                  url: "sqlite:///{tmp_path}/sb.db"
+                flows: {echo_flows}
+                platforms:
+                  matrix:
+                    type: matrix
+                    homeserver_url: {hs_server.url}
+                    as_token: {AS_TOKEN}
+                    hs_token: {HS_TOKEN}
+                    bot_user_id: "{BOT}"
+                """
+            ),
+            "<test config>",
+        )
+        async with running(settings) as (server, _), httpx.AsyncClient(timeout=10) as client:
+            invite = recorded("synapse-01-invite.json")
+            url = f"{server.url}/webhooks/matrix/{invite.path}"
+            response = await client.put(url, content=invite.body, headers=dict(invite.headers))
+            assert response.status_code == 200 and response.json() == {}
+            await homeserver.wait_for(lambda: len([c for c in homeserver.calls if c[0] == "join"]) >= 2, 10)
+            # an invitation withdrawn before the join: refused, not tried again
+            txn = {"events": [member("!gone", "invite")]}
+            headers = {"authorization": f"Bearer {HS_TOKEN}"}
+            response = await client.put(
+                f"{server.url}/webhooks/matrix/_matrix/app/v1/transactions/2", json=txn, headers=headers
+            )
+            assert response.status_code == 200
+            await homeserver.wait_for(lambda: len([c for c in homeserver.calls if c[0] == "join"]) >= 3, 10)
+            await asyncio.sleep(0.2)
+    assert [(c[0], c[1]) for c in homeserver.calls] == [("join", ROOM), ("join", ROOM), ("join", "!gone")]
