@@ -20,6 +20,7 @@ from middleware.app import create_app
 from middleware.services import Services
 from middleware.settings import Settings, settings_from_text
 from tests.fakes.platform import FakePlatform
+from tests.procs import procs as procs  # the fixture, for every test that starts processes
 
 PG_DSN = os.environ.get("SWITCHBOARD_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REPO = Path(__file__).resolve().parent.parent

@@ -23,16 +23,12 @@ import contextlib
 import hashlib
 import hmac
 import json
-import os
-import shutil
 import signal
 import sqlite3
-import subprocess
-import sys
 import textwrap
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +44,7 @@ from middleware.services import Services
 from middleware.settings import settings_from_text
 from tests.conftest import Server, fake_platform, free_port, generic_config, message, running
 from tests.fakes.platform import FakePlatform
+from tests.procs import Proc, switchboard_command, wait_ready
 
 TOKEN = "handoff-admin-token"
 CONNECTING = "Connecting you to a person."
@@ -585,67 +582,6 @@ async def test_helpdesk_webhook_gets_the_handoff_the_users_messages_and_the_resu
 
 
 # -- 3. a process restart in each state ----------------------------------------------------------
-
-
-class Proc:
-    """`switchboard serve` in a session of its own, its output in a log file (as in tests/test_processes.py)."""
-
-    def __init__(self, args: list[str], log: Path, cwd: Path) -> None:
-        self.log = log
-        self._out = log.open("wb")
-        self.popen = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=self._out, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True
-        )
-
-    def tail(self, lines: int = 60) -> str:
-        self._out.flush()
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-    async def wait(self, seconds: float) -> int | None:
-        try:
-            return await asyncio.to_thread(self.popen.wait, seconds)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def close(self) -> None:
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.popen.pid, signal.SIGKILL)
-        self.popen.wait(timeout=10)
-        self._out.close()
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.close()
-
-
-def switchboard_command() -> str:
-    found = Path(sys.executable).with_name("switchboard")
-    if found.exists():
-        return str(found)
-    which = shutil.which("switchboard")
-    if which is None:
-        pytest.fail("the switchboard command is not installed (make installs it)")
-    return which
-
-
-async def wait_ready(proc: Proc, url: str, within: float) -> float:
-    """Poll url until 200; fail if the process exits first. Returns the seconds it took."""
-    started = time.monotonic()
-    async with httpx.AsyncClient(timeout=2) as client:
-        while True:
-            if proc.popen.poll() is not None:
-                pytest.fail(f"switchboard exited with {proc.popen.returncode} before it was ready:\n{proc.tail()}")
-            with contextlib.suppress(httpx.TransportError):
-                if (await client.get(url)).status_code == 200:
-                    return time.monotonic() - started
-            if time.monotonic() - started > within:
-                pytest.fail(f"{url} not ready after {within}s:\n{proc.tail()}")
-            await asyncio.sleep(0.1)
 
 
 RESTART_CONVERSATIONS = ("c-bot", "c-queued", "c-agent", "c-resolved", "c-timeout")

@@ -17,14 +17,12 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import textwrap
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +31,10 @@ import pytest
 
 from tests.conftest import REPO, Server, free_port
 from tests.fakes.platform import FakePlatform
+from tests.procs import Proc, port_free, switchboard_command, wait_ready
 
 pytestmark = pytest.mark.slow
 
-SWITCHBOARD = Path(sys.executable).with_name("switchboard")
 
 SLOW_FLOW = """\
 flow: slow
@@ -53,87 +51,6 @@ KILL_AFTER_ACKS = 30
 #: longer than the server's start-up on a busy 2-core machine (up to ~5 s seen), so that the
 #: restart on the same port shows its own leases taken back early, and on another port the wait
 LEASE_SECONDS = 10
-
-
-class Proc:
-    """A child process in a session of its own, its output in a log file."""
-
-    def __init__(self, args: list[str], log: Path, *, cwd: Path | None = None, env: dict[str, str] | None = None):
-        self.args = args
-        self.log = log
-        self._out = log.open("wb")
-        self.popen = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-            cwd=cwd,
-            env=env,
-            start_new_session=True,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def tail(self, lines: int = 60) -> str:
-        self._out.flush()
-        text = self.log.read_text(encoding="utf-8", errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
-
-    async def wait(self, seconds: float) -> int | None:
-        """The exit code, or None if still running after that many seconds."""
-        try:
-            return await asyncio.to_thread(self.popen.wait, seconds)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def group_alive(self) -> bool:
-        try:
-            os.killpg(self.popen.pid, 0)
-        except (ProcessLookupError, PermissionError):
-            return False
-        return True
-
-    def close(self) -> None:
-        if self.popen.poll() is None or self.group_alive():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.popen.pid, signal.SIGKILL)
-        self.popen.wait(timeout=10)
-        self._out.close()
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    """Processes a test started; whatever is left of them is killed at teardown."""
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.close()
-
-
-def switchboard() -> str:
-    if SWITCHBOARD.exists():
-        return str(SWITCHBOARD)
-    found = shutil.which("switchboard")
-    if found is None:
-        pytest.fail("the switchboard command is not installed (make installs it)")
-    return found
-
-
-async def wait_ready(proc: Proc, url: str, within: float) -> float:
-    """Poll GET url until 200; fail if the process exits first. Returns the seconds it took."""
-    started = time.monotonic()
-    async with httpx.AsyncClient(timeout=2) as client:
-        while True:
-            if proc.popen.poll() is not None:
-                pytest.fail(f"{proc.args} exited with {proc.popen.returncode} before it was ready:\n{proc.tail()}")
-            with contextlib.suppress(httpx.TransportError):
-                if (await client.get(url)).status_code == 200:
-                    return time.monotonic() - started
-            if time.monotonic() - started > within:
-                pytest.fail(f"{url} not ready after {within}s:\n{proc.tail()}")
-            await asyncio.sleep(0.1)
 
 
 def crash_config(tmp_path: Path, platform_url: str) -> Path:
@@ -199,7 +116,7 @@ async def test_kill_9_in_flight_then_restart_answers_every_accepted_message_once
 
         def serve(p: int, n: int) -> Proc:
             proc = Proc(
-                [switchboard(), "serve", "--config", str(config), "--port", str(p)],
+                [switchboard_command(), "serve", "--config", str(config), "--port", str(p)],
                 tmp_path / f"serve-{n}.log",
                 cwd=tmp_path,
             )
@@ -354,15 +271,6 @@ async def test_kill_9_in_flight_then_restart_answers_every_accepted_message_once
         )
 
 
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def clean_env(**extra: str) -> dict[str, str]:
     """This environment without the running venv, as a fresh shell would have it."""
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "MYAPP_SECRET", "CONFIG")}
@@ -451,7 +359,7 @@ async def test_make_run_from_a_clean_clone(tmp_path: Path, procs: list[Proc]) ->
 
 def test_chat_on_a_pipe() -> None:
     result = subprocess.run(
-        [switchboard(), "chat"],
+        [switchboard_command(), "chat"],
         input="hello\nhours\n",
         capture_output=True,
         text=True,
@@ -489,7 +397,7 @@ async def test_chat_in_a_terminal(tmp_path: Path) -> None:
                 pytest.fail(f"the terminal never showed {text!r}; it shows:\n{screen}")
             await asyncio.sleep(0.2)
 
-    command = f"{switchboard()} chat; echo CHAT-EXITED=$?; sleep 60"
+    command = f"{switchboard_command()} chat; echo CHAT-EXITED=$?; sleep 60"
     tmux("new-session", "-d", "-s", "chat", "-x", "100", "-y", "30", "-c", str(REPO), command)
     try:
         await screen_shows("you>")

@@ -32,7 +32,7 @@ import pytest
 
 from tests.conftest import free_port
 from tests.fakes.platform import Call, FakePlatform
-from tests.test_processes import Proc, switchboard, wait_ready
+from tests.procs import Proc, switchboard_command, wait_ready
 
 # -- a private PostgreSQL ---------------------------------------------------------------------------
 
@@ -180,7 +180,7 @@ class Node:
     def start(self) -> Proc:
         self.runs += 1
         self.proc = Proc(
-            [switchboard(), "serve", "--config", str(self.config), "--port", str(self.port)],
+            [switchboard_command(), "serve", "--config", str(self.config), "--port", str(self.port)],
             self.root / f"{self.name}-{self.runs}.log",
             cwd=self.root,
         )
