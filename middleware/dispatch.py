@@ -14,6 +14,15 @@ Across nodes (middleware/notify.py):
 Signals can be lost (the listener reconnecting); the sweep then finds the same work within
 `dispatch.sweep_seconds`, including messages waiting behind a lease held here for a retry.
 
+A conversation just worked on keeps its lease (and its state, in memory) for
+`dispatch.linger_seconds`: a message that comes in meanwhile runs at once, without a claim. On
+SQLite, where this process is the only writer, the ingress hands the stored message over
+(`notify(key, hint=...)`) instead of it being read back; on PostgreSQL another node may have
+stored an earlier message of the same conversation a moment before, so the pending messages are
+always read from the store there (as for any other news: a timer, an agent's event, another
+node's `wake`, the sweep). When the linger ends the lease is released, in the same statement that
+checks nothing is pending.
+
 Deliveries are fenced like turns: before each platform call the outbox asks `fence(key)`, which
 renews the lease in the store when less than a send's time is left, and raises LeaseLost if the
 lease moved; the send itself is cut off before the lease could run out. A node stalled past its
@@ -23,6 +32,7 @@ lease (a long pause, a partition) therefore never sends what its successor now o
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import itertools
@@ -37,7 +47,7 @@ from middleware.notify import Bus, Signal
 from middleware.outbox import Outbox
 from middleware.platforms.base import Platform
 from middleware.settings import DispatchSettings
-from middleware.store import Lease, LeaseLost, PendingMessage, Store, StoreUnavailable
+from middleware.store import Lease, LeaseLost, OutboxItem, PendingMessage, Store, StoreUnavailable
 from middleware.turn import TurnRunner
 
 log = logging.getLogger("switchboard.dispatch")
@@ -91,6 +101,18 @@ class Dispatcher:
         #: conversations whose running turn a newer message may cancel
         self._interrupts: dict[str, asyncio.Event] = {}
         self._drained: asyncio.Task[dict[str, float]] | None = None
+        #: leases kept between turns (linger), with the timer that ends the linger
+        self._idle: dict[str, tuple[Lease, asyncio.TimerHandle]] = {}
+        #: messages the ingress stored for a conversation, handed over with `notify`: used only
+        #: where they are the whole story (one process writes the store: SQLite)
+        self._hints: dict[str, list[PendingMessage]] = {}
+        self._hints_complete = store.dialect == "sqlite"
+        #: conversations notified without a hint: their pending messages are read from the store
+        self._stale: set[str] = set()
+        #: lingering conversations whose linger is over: release the lease if nothing is pending
+        self._expired: set[str] = set()
+        #: per held lease, the inbox ids whose turns were stored lately (a hint may repeat one)
+        self._recent: dict[str, collections.deque[int]] = {}
         self._background: set[asyncio.Task[object]] = set()
         self.stats = {"woken": 0, "wakes_sent": 0, "handed_back": 0, "taken_free": 0}
         if bus is not None:
@@ -106,11 +128,19 @@ class Dispatcher:
         self.backlog += n
         self.metrics.backlog.set(self.backlog)
 
-    def notify(self, key: str, *, fresh: bool = True) -> None:
+    def notify(self, key: str, *, fresh: bool = True, hint: PendingMessage | None = None) -> None:
         """Work on this conversation now (or right after the turn running for it).
 
         `fresh`: there is new work (a message, an event) rather than a sweep's guess; if another
-        node holds the conversation, it is told."""
+        node holds the conversation, it is told. `hint`: the one new message, as the ingress stored
+        it; without it, the pending messages are read from the store."""
+        if hint is not None and self._hints_complete:
+            self._hints.setdefault(key, []).append(hint)
+        else:
+            self._stale.add(key)
+        self._start(key, fresh)
+
+    def _start(self, key: str, fresh: bool) -> None:
         if key in self._active:
             self._again.add(key)
             interrupt = self._interrupts.get(key)
@@ -124,6 +154,9 @@ class Dispatcher:
         handle = self._wakeups.pop(key, None)
         if handle is not None:
             handle.cancel()
+        idle = self._idle.get(key)
+        if idle is not None:
+            idle[1].cancel()
         if fresh:
             self._fresh.add(key)
         self._active.add(key)
@@ -167,6 +200,9 @@ class Dispatcher:
         finally:
             self._again.discard(key)
             self._fresh.discard(key)
+            if key not in self._held:
+                self._hints.pop(key, None)
+                self._stale.discard(key)
             self._active.discard(key)
             self.metrics.active.set(len(self._active))
             self._settle(key)
@@ -180,6 +216,13 @@ class Dispatcher:
         if self.draining:
             return
         try:
+            idle = self._idle.pop(key, None)
+            if idle is not None:
+                idle[1].cancel()
+                if key in self._held and self._until.get(key, 0.0) - time.monotonic() > self._fence_need():
+                    await self._run_claimed(idle[0], platform, cached=True)
+                    return
+            self._expired.discard(key)
             asked = time.monotonic()
             lease = await self.store.claim(key, platform_name, external_id, self.owner, self.settings.lease_seconds)
             if lease is None:  # another node holds it: it sees the work, and is told if it is idle
@@ -191,6 +234,8 @@ class Dispatcher:
             self._fresh.discard(key)
             self._held[key] = lease
             self._until[key] = asked + self.settings.lease_seconds
+            self._recent[key] = collections.deque(maxlen=64)
+            self._stale.discard(key)  # the claim read the pending messages
             await self._run_claimed(lease, platform)
         except LeaseLost:
             self._forget(key)
@@ -203,32 +248,48 @@ class Dispatcher:
             if not self.draining:
                 self._wake_later(key, 1.0)
 
-    async def _run_claimed(self, lease: Lease, platform: Platform) -> None:
+    async def _run_claimed(self, lease: Lease, platform: Platform, *, cached: bool = False) -> None:
+        """Work on a conversation whose lease we hold: its pending turns in order, each followed by
+        its deliveries; then linger with the lease, or release it.
+
+        `cached`: the lease was kept from the last run (linger); its outbox is empty and its state
+        current, and what is pending comes from the hints (or the store, when a notice had none)."""
         key = lease.key
         state = lease.state
 
         async def fence() -> float:
             return await self._fence(key)
 
-        messages = [] if self.draining else list(lease.messages)
+        messages = [] if self.draining else self._merge(key, list(lease.messages))
         #: the last drain emptied the outbox (rows are only added here, under our lease)
-        outbox_clear = False
+        outbox_clear = cached
+        worked = False
         while True:
+            if key in self._stale and not self.draining:
+                self._stale.discard(key)
+                messages = self._merge(key, await self.store.pending_messages(key))
             while messages:
                 batch, messages = await self._next_batch(key, messages, state)
-                new_state = await self._turn(lease, platform, batch, state)
-                if new_state is None:  # cancelled by a newer message: gather again
-                    messages = await self.store.pending_messages(key)
+                done = await self._turn(lease, platform, batch, state)
+                if done is None:  # cancelled by a newer message: gather again
+                    messages = self._merge(key, await self.store.pending_messages(key))
                     continue
-                state = new_state
+                state, added = done
+                worked = True
+                self._recent.setdefault(key, collections.deque(maxlen=64)).extend(p.inbox_id for p in batch)
                 lease = dataclasses.replace(lease, state=state, messages=())
                 self.backlog = max(0, self.backlog - len(batch))
-                retry_at = await self.outbox.drain(key, platform, fence)
+                retry_at = await self.outbox.drain(key, platform, fence, added if outbox_clear else None)
                 outbox_clear = retry_at is None
                 if retry_at is not None:
                     self._wake_at(key, retry_at)
                 if self.draining:
                     break  # the turn in flight is done; what is left goes to another node
+                if key in self._stale:
+                    self._stale.discard(key)
+                    messages = self._merge(key, await self.store.pending_messages(key))
+                else:
+                    messages = self._merge(key, messages)
             self.metrics.backlog.set(self.backlog)
             retry_at = None if outbox_clear else await self.outbox.drain(key, platform, fence)
             if self.draining:
@@ -240,20 +301,53 @@ class Dispatcher:
             if retry_at is not None:
                 self._wake_at(key, retry_at)
                 return  # keep the lease: our outbox is waiting to retry
+            if self._linger(lease, worked):
+                return
             # release only if nothing is pending (the store checks in the same statement);
             # otherwise new messages came in meanwhile, or a dead letter was requeued
             if await self.store.release(lease):
                 self._forget(key)
                 return
-            messages = await self.store.pending_messages(key)
+            messages = self._merge(key, await self.store.pending_messages(key))
             outbox_clear = False
+
+    def _merge(self, key: str, messages: list[PendingMessage]) -> list[PendingMessage]:
+        """`messages` with the hints handed over since, without those already worked on, in inbox
+        order (ids are not a clock across nodes: a filter on "newer than the last one" would drop
+        a message another node stored a moment late)."""
+        hints = self._hints.pop(key, None)
+        if not hints:
+            return messages
+        recent = self._recent.get(key, ())
+        merged = {m.inbox_id: m for m in (*messages, *hints) if m.inbox_id not in recent}
+        return [merged[i] for i in sorted(merged)]
+
+    def _linger(self, lease: Lease, worked: bool) -> bool:
+        """Keep the lease for `linger_seconds` after a run that worked (True), unless the linger is
+        over, the node is draining, or news came that needs the store."""
+        key = lease.key
+        expired = key in self._expired
+        self._expired.discard(key)
+        linger = self.settings.linger_seconds
+        if linger <= 0 or self.draining or key in self._stale or self._hints.get(key):
+            return False
+        if expired and not worked:
+            return False
+        loop = asyncio.get_running_loop()
+        self._idle[key] = (lease, loop.call_later(linger, self._linger_over, key))
+        return True
+
+    def _linger_over(self, key: str) -> None:
+        if key in self._idle and key not in self._active:
+            self._expired.add(key)
+            self._start(key, False)
 
     async def _fence(self, key: str) -> float:
         """Seconds the lease on `key` is sure to stay ours (renewed first if a send could outlast
         it); LeaseLost if it is not ours any more."""
         if key not in self._held:
             raise LeaseLost(key)
-        need = min(self.outbox.settings.timeout + 1.0, self.settings.lease_seconds / 2)
+        need = self._fence_need()
         left = self._until.get(key, 0.0) - time.monotonic()
         if left > need:
             return left
@@ -266,9 +360,17 @@ class Dispatcher:
         self._until[key] = asked + self.settings.lease_seconds
         return self._until[key] - time.monotonic()
 
+    def _fence_need(self) -> float:
+        return min(self.outbox.settings.timeout + 1.0, self.settings.lease_seconds / 2)
+
     def _forget(self, key: str) -> None:
         self._held.pop(key, None)
         self._until.pop(key, None)
+        self._recent.pop(key, None)
+        self._expired.discard(key)
+        idle = self._idle.pop(key, None)
+        if idle is not None:
+            idle[1].cancel()
 
     async def _hand_back(self, lease: Lease) -> None:
         """Give a lease up with its work pending, and tell the other nodes to take it now."""
@@ -295,7 +397,7 @@ class Dispatcher:
 
     async def _turn(
         self, lease: Lease, platform: Platform, batch: list[PendingMessage], state: ConversationState
-    ) -> ConversationState | None:
+    ) -> tuple[ConversationState, list[OutboxItem]] | None:
         _, cancels = self.turns.engine.coalesce_window(batch[0].inbound, state)
         if not cancels:
             return await self.turns.run(lease, platform, batch, state)
@@ -334,6 +436,8 @@ class Dispatcher:
         if self.bus is not None and signal.mine(self.bus):
             return
         key = signal.payload
+        if key in self._active:  # the turn running here: read the store before lingering
+            self._stale.add(key)
         if (key in self._held and key not in self._active) or key in self._interrupts:
             self.stats["woken"] += 1
             self.notify(key, fresh=False)
@@ -414,6 +518,9 @@ class Dispatcher:
         for handle in self._wakeups.values():
             handle.cancel()
         self._wakeups.clear()
+        for _, handle in self._idle.values():
+            handle.cancel()
+        self._idle.clear()
         self._held.clear()
         self._until.clear()
         for task in list(self._tasks):
@@ -439,6 +546,14 @@ class Dispatcher:
         for handle in self._wakeups.values():
             handle.cancel()
         self._wakeups.clear()
+        lingering = [lease for lease, _ in self._idle.values()]
+        for lease in lingering:  # nothing left to do, unless a message came in since
+            self._forget(lease.key)
+            try:
+                if not await self.store.release(lease):
+                    await self._hand_back(lease)
+            except StoreUnavailable as exc:
+                log.warning("lease not released (it expires by itself): %s", exc, extra={"conversation": lease.key})
         waiting = [lease for key, lease in self._held.items() if key not in self._active]
         for lease in waiting:  # a delivery waiting to retry: the next holder retries it
             await self._hand_back(lease)

@@ -109,3 +109,25 @@ class ConnectorCollector(Collector):
 def observe_connectors(metrics: Metrics, source: Callable[[], Mapping[str, object]]) -> None:
     """Export the connectors that `source()` returns (read at each scrape) in `metrics.registry`."""
     metrics.registry.register(ConnectorCollector(source))
+
+
+class StoreCollector(Collector):
+    """The store's group commit, read at scrape time: transactions, the operations they carried
+    (operations / transactions = how many webhooks and turns share a commit) and conflicts rerun."""
+
+    def __init__(self, source: Callable[[], object | None]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        store = self.source()
+        transactions = CounterMetricFamily("switchboard_store_transactions", "Transactions the store committed.")
+        operations = CounterMetricFamily(
+            "switchboard_store_operations", "Store operations, several to a group-committed transaction."
+        )
+        conflicts = CounterMetricFamily(
+            "switchboard_store_conflicts", "Operations rerun after a deadlock or serialization failure."
+        )
+        transactions.add_metric([], getattr(store, "batches", 0))
+        operations.add_metric([], getattr(store, "operations", 0))
+        conflicts.add_metric([], getattr(store, "conflicts", 0))
+        yield from (transactions, operations, conflicts)

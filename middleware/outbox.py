@@ -16,7 +16,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from middleware.helpdesk import HelpdeskWebhook
 from middleware.logs import redact
@@ -53,12 +53,22 @@ class Outbox:
             limiter = self._limiters[platform.name] = RateLimiter(platform.rate_limit)
         return limiter
 
-    async def drain(self, key: str, platform: Platform, fence: Fence | None = None) -> float | None:
+    async def drain(
+        self, key: str, platform: Platform, fence: Fence | None = None, known: Sequence[OutboxItem] | None = None
+    ) -> float | None:
         """Deliver the conversation's due rows in order (each under `fence`, when given).
 
+        `known`: the conversation's whole pending queue, when the caller knows it (the rows its turn
+        just added to an outbox it had emptied): no query for them.
         Returns None when nothing is left, or the time (epoch seconds) the head row may be tried again.
         Raises LeaseLost (nothing more sent) when the fence says the lease is not ours.
         """
+        if known is not None:
+            for item in known:
+                retry_at = await self._one(item, platform, fence)
+                if retry_at is not None:
+                    return retry_at
+            return None
         while True:
             items = await self.store.due_outbox(key, self.PAGE)
             for item in items:

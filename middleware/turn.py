@@ -30,7 +30,7 @@ from middleware.model import (
 )
 from middleware.platforms.base import DeliveryError, Platform
 from middleware.settings import Settings
-from middleware.store import Lease, PendingMessage, Store, idempotency_key
+from middleware.store import Lease, OutboxItem, PendingMessage, Store, idempotency_key
 
 log = logging.getLogger("switchboard.turn")
 
@@ -110,8 +110,9 @@ class TurnRunner:
         pending: Sequence[PendingMessage],
         state: ConversationState,
         interrupt: asyncio.Event | None = None,
-    ) -> ConversationState | None:
-        """Run and store one turn for one message (or a burst merged into one); returns the new state.
+    ) -> tuple[ConversationState, list[OutboxItem]] | None:
+        """Run and store one turn for one message (or a burst merged into one); returns the new state
+        and the outbox rows the turn added.
 
         If `interrupt` is set while the flow works (a newer message arrived and the flow says
         a newer message cancels the turn), the turn is dropped before anything is stored and
@@ -185,7 +186,7 @@ class TurnRunner:
         new_state = result.state.copy()
         new_state.vars.pop("user", None)
         try:
-            await self.store.commit_turn(
+            added = await self.store.commit_turn(
                 lease,
                 [p.inbox_id for p in pending],
                 new_state,
@@ -204,7 +205,7 @@ class TurnRunner:
         self.metrics.turn_seconds.labels(message.platform).observe(elapsed)
         for observer in self.observers:
             observer(message, result, elapsed)
-        return new_state
+        return new_state, added
 
     def _failed(self, lease: Lease, message: Inbound, state: ConversationState, exc: Exception) -> TurnResult:
         reason = "timeout" if isinstance(exc, TimeoutError) else "flow" if isinstance(exc, FlowFailed) else "error"
