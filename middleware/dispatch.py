@@ -16,10 +16,10 @@ Signals can be lost (the listener reconnecting); the sweep then finds the same w
 
 A conversation just worked on keeps its lease (and its state, in memory) for
 `dispatch.linger_seconds`: a message that comes in meanwhile runs at once, without a claim. On
-SQLite, where this process is the only writer, the ingress hands the stored message over
-(`notify(key, hint=...)`) instead of it being read back; on PostgreSQL another node may have
+SQLite with no other node (the store's only writer), the ingress hands the stored message over
+(`notify(key, hint=...)`) instead of it being read back; with other nodes another one may have
 stored an earlier message of the same conversation a moment before, so the pending messages are
-always read from the store there (as for any other news: a timer, an agent's event, another
+always read from the store then (as for any other news: a timer, an agent's event, another
 node's `wake`, the sweep). When the linger ends the lease is released, in the same statement that
 checks nothing is pending.
 
@@ -104,7 +104,7 @@ class Dispatcher:
         #: leases kept between turns (linger), with the timer that ends the linger
         self._idle: dict[str, tuple[Lease, asyncio.TimerHandle]] = {}
         #: messages the ingress stored for a conversation, handed over with `notify`: used only
-        #: where they are the whole story (one process writes the store: SQLite)
+        #: where they are the whole story (SQLite, no other node: we are the store's only writer)
         self._hints: dict[str, list[PendingMessage]] = {}
         self._hints_complete = store.dialect == "sqlite"
         #: conversations notified without a hint: their pending messages are read from the store
@@ -134,7 +134,7 @@ class Dispatcher:
         `fresh`: there is new work (a message, an event) rather than a sweep's guess; if another
         node holds the conversation, it is told. `hint`: the one new message, as the ingress stored
         it; without it, the pending messages are read from the store."""
-        if hint is not None and self._hints_complete:
+        if hint is not None and self._hints_complete and (self.bus is None or self.bus.alone):
             self._hints.setdefault(key, []).append(hint)
         else:
             self._stale.add(key)

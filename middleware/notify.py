@@ -61,6 +61,11 @@ class Bus(Protocol):
         """True while signals from other nodes can arrive."""
         ...
 
+    @property
+    def alone(self) -> bool:
+        """True when no other node can be on this bus (and so none writes the store but us)."""
+        ...
+
     def subscribe(self, channel: str, handler: Handler) -> Callable[[], None]:
         """Call `handler` (in the event loop, never concurrently) for each signal on the channel,
         this bus's own included; returns the function that unsubscribes."""
@@ -137,6 +142,10 @@ class LocalBus:
     @property
     def connected(self) -> bool:
         return not self._closed
+
+    @property
+    def alone(self) -> bool:
+        return self._group is None or len(self._group.members) <= 1
 
     def subscribe(self, channel: str, handler: Handler) -> Callable[[], None]:
         return self._subs.add(channel, handler)
@@ -234,6 +243,10 @@ class PostgresBus:
     @property
     def connected(self) -> bool:
         return self._connected
+
+    @property
+    def alone(self) -> bool:
+        return False  # any number of nodes may share the database
 
     def subscribe(self, channel: str, handler: Handler) -> Callable[[], None]:
         return self._subs.add(channel, handler)

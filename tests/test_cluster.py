@@ -163,6 +163,49 @@ async def test_a_message_taken_in_by_another_node_is_handled_by_the_lease_holder
             print(f"\n[{signal}] m-2 taken in by b, handled by a after {took:.3f}s")
 
 
+async def test_messages_sent_in_turn_to_two_nodes_are_answered_in_order_while_one_lingers(
+    store_url: str, echo_flows: Path, client: httpx.AsyncClient
+) -> None:
+    """One conversation, each message sent after the last was acknowledged, to a and b in turn,
+    some while the other node is still running or lingering on it (linger 30 s, sweep 30 s: only
+    the wake signal and the reads of the store can keep order and pace)."""
+    async with fake_platform() as (platform, fake):
+        configs = [
+            generic_config(
+                store_url,
+                platform.url,
+                echo_flows,
+                f"node_id: {node}\nreload: false\n"
+                "dispatch: {sweep_seconds: 30, lease_seconds: 30, linger_seconds: 30}\n",
+            )
+            for node in ("a", "b")
+        ]
+        async with running(configs[0]) as (a, _), running(configs[1]) as (b, _):
+            sent: dict[str, list[str]] = {}
+
+            async def conversation(c: int) -> None:
+                key = sent.setdefault(f"c-{c}", [])
+                for n in range(12):
+                    url = (a, b)[n % 2 if n < 6 else (n // 2) % 2].url  # a b a b a b a a b b ...
+                    m = message(f"{c}-{n}", f"c-{c}", text=f"{'two' if n % 3 else 'x'} {n}")
+                    r = await client.post(f"{url}/webhooks/myapp", json=m)
+                    assert r.status_code == 200
+                    key.append(m["message_id"])
+                    await asyncio.sleep(0.01 * (n % 3))
+
+            started = time.monotonic()
+            await asyncio.gather(*(conversation(c) for c in range(3)))
+            replies = 3 * sum(2 if n % 3 else 1 for n in range(12))  # "two ..." gets two replies
+            await fake.wait_for(lambda: len(fake.delivered()) >= replies, timeout=10)
+            took = time.monotonic() - started
+            await asyncio.sleep(0.2)  # a reply sent twice would show now
+            for conv, ids in sent.items():
+                order = [c.body["reply_to"] for c in fake.delivered() if c.body["conversation_id"] == conv]
+                assert list(dict.fromkeys(order)) == ids, order
+            assert len(fake.delivered()) == replies
+            assert took < 5, f"{took:.1f}s: a message waited for a linger or a sweep"
+
+
 async def test_a_draining_node_hands_its_conversations_to_the_others(
     store_url: str, tmp_path: Path, client: httpx.AsyncClient
 ) -> None:
