@@ -43,7 +43,7 @@ class ClusterHub:
 
     def publish(self, topic: str, data: dict[str, Any]) -> None:
         self.local.publish(topic, data)
-        if self.local.closed:
+        if self.local.closed or self.bus.alone:  # no other node to tell
             return
         payload = json.dumps({"t": topic, "d": data}, ensure_ascii=False, separators=(",", ":"), default=str)
         if len(payload.encode()) > MAX_PAYLOAD:

@@ -332,7 +332,29 @@ class ConversationState:
         )
 
     def copy(self) -> ConversationState:
-        return ConversationState.from_json(self.to_json())
+        """A deep copy (vars and handoff are JSON-like: dicts, lists and scalars)."""
+        return ConversationState(
+            flow=self.flow,
+            state=self.state,
+            vars=_copy_json(self.vars),
+            turns=self.turns,
+            owner=self.owner,
+            misses=self.misses,
+            counters=dict(self.counters),
+            stack=[dict(frame) for frame in self.stack],
+            entered=self.entered,
+            history=[list(h) for h in self.history],
+            handoff=None if self.handoff is None else _copy_json(self.handoff),
+            started=self.started,
+        )
+
+
+def _copy_json(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _copy_json(v) if isinstance(v, dict | list) else v for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy_json(v) if isinstance(v, dict | list) else v for v in value]
+    return value
 
 
 @dataclass(frozen=True, slots=True)

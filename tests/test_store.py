@@ -493,3 +493,32 @@ async def test_postgres_outage_mid_life_then_recovery(store_url: str) -> None:
         await asyncio.wait_for(store.close(), 10)
         with contextlib.suppress(Exception):
             await proxy.cut()
+
+
+def test_state_copy_is_deep_and_round_trips() -> None:
+    state = ConversationState.from_json(
+        {
+            "flow": "f",
+            "state": "s",
+            "vars": {"user": {"name": "Ana", "tags": ["a", {"b": 1}]}, "n": 2},
+            "turns": 3,
+            "owner": "agent",
+            "counters": {"miss": 1},
+            "stack": [{"flow": "g", "state": "t"}],
+            "history": [["user", "hi"], ["bot", "hello"]],
+            "handoff": {"queue": "support", "meta": {"tries": [1]}},
+            "started": True,
+        }
+    )
+    copied = state.copy()
+    assert copied == state and copied.to_json() == state.to_json()
+    copied.vars["user"]["tags"][1]["b"] = 9
+    copied.vars["user"]["name"] = "Bo"
+    copied.history[0][1] = "changed"
+    copied.stack[0]["state"] = "u"
+    copied.counters["miss"] = 5
+    assert copied.handoff is not None
+    copied.handoff["meta"]["tries"].append(2)
+    assert state.vars == {"user": {"name": "Ana", "tags": ["a", {"b": 1}]}, "n": 2}
+    assert state.history[0] == ["user", "hi"] and state.stack == [{"flow": "g", "state": "t"}]
+    assert state.counters == {"miss": 1} and state.handoff == {"queue": "support", "meta": {"tries": [1]}}
