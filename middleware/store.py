@@ -40,7 +40,6 @@ from sqlalchemy import (
     func,
     insert,
     literal,
-    or_,
     select,
     text,
     union,
@@ -51,6 +50,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlmodel import Field, SQLModel
 
 from middleware import migrate as migrations
+from middleware.hotsql import HotSQL, execute
 from middleware.migrate import Policy
 from middleware.model import ConversationState, Inbound, Outgoing, Sender, Timer, Transition
 
@@ -266,12 +266,17 @@ class Store:
         self.batch_max = batch_max
         self.engine = _make_engine(self.url, durability)
         self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
-        self._accept_stmt = (
-            self._insert(INBOX)
-            .on_conflict_do_nothing(index_elements=["platform", "message_id"])
-            .returning(INBOX.c.platform, INBOX.c.message_id, INBOX.c.id)
+        self._hot = HotSQL(self.dialect)
+        t = TIMER.c
+        self._cancel_timers = (
+            update(TIMER)
+            .where(
+                t.conversation_key == bindparam("p_key"),
+                t.status == "pending",
+                t.name.in_(bindparam("p_names", expanding=True)),
+            )
+            .values(status="cancelled")
         )
-        self._hot = _HotStatements(self._insert, self.dialect == "postgresql")
         self._queue: queue.SimpleQueue[tuple[Callable[[Connection], Any], asyncio.Future[Any]] | None] = (
             queue.SimpleQueue()
         )
@@ -418,7 +423,7 @@ class Store:
             }
             for m, flood in zip(messages, flags, strict=True)
         ]
-        inserted: dict[tuple[str, str], int] = await self.run(_Accept(self._accept_stmt, rows))
+        inserted: dict[tuple[str, str], int] = await self.run(_Accept(self._hot, rows))
         # a message sent twice in one webhook is new the first time only
         return [inserted.pop((m.platform, m.message_id), None) for m in messages]
 
@@ -428,18 +433,25 @@ class Store:
         """Take the conversation's lease if it is free, expired or already ours; None otherwise."""
         now = time.time()
         hot = self._hot
-        params = hot.params(
-            key=key, platform=platform, external_id=external_id, owner=owner, lease=lease_seconds, now=now, db_now=now
-        )
+        params = {
+            "key": key,
+            "platform": platform,
+            "external_id": external_id,
+            "owner": owner,
+            "lease": lease_seconds,
+            "now": now,
+            "db_now": now,
+        }
 
         def op(conn: Connection) -> Lease | None:
-            row = conn.execute(hot.claim, params).first()
+            row = execute(conn, hot.claim, params).fetchone()
             if row is None:
                 return None
-            state = ConversationState.from_json(json.loads(row.state) if row.state else None)
-            pending = conn.execute(hot.pending, hot.params(key=key, limit=32))
-            messages = tuple(PendingMessage(r.id, Inbound.from_json(json.loads(r.body))) for r in pending)
-            return Lease(key, owner, row.epoch, state, messages)
+            epoch, stored = row
+            state = ConversationState.from_json(json.loads(stored) if stored else None)
+            pending = execute(conn, hot.pending, {"key": key, "limit": 32}).fetchall()
+            messages = tuple(PendingMessage(i, Inbound.from_json(json.loads(body))) for i, body in pending)
+            return Lease(key, owner, epoch, state, messages)
 
         return await self.run(op, key=key)
 
@@ -476,15 +488,16 @@ class Store:
 
     async def release(self, lease: Lease) -> bool:
         """Give the lease up if the conversation has nothing pending; False means work remains."""
-        params = self._hot.params(key=lease.key, owner=lease.owner, epoch=lease.epoch)
-        stmt = self._hot.release
-        return bool(await self.run(lambda conn: conn.execute(stmt, params).rowcount, key=lease.key))
+        params = {"key": lease.key, "owner": lease.owner, "epoch": lease.epoch}
+        sql = self._hot.release
+        return bool(await self.run(lambda conn: execute(conn, sql, params).rowcount, key=lease.key))
 
     async def pending_messages(self, key: str, limit: int = 32) -> list[PendingMessage]:
-        stmt, params = self._hot.pending, self._hot.params(key=key, limit=limit)
+        sql, params = self._hot.pending, {"key": key, "limit": limit}
 
         def op(conn: Connection) -> list[PendingMessage]:
-            return [PendingMessage(r.id, Inbound.from_json(json.loads(r.body))) for r in conn.execute(stmt, params)]
+            rows = execute(conn, sql, params).fetchall()
+            return [PendingMessage(i, Inbound.from_json(json.loads(body))) for i, body in rows]
 
         return await self.run(op)
 
@@ -510,18 +523,17 @@ class Store:
         now = time.time()
         hot = self._hot
         handoff = state.handoff or {}
-        state_params = hot.params(
-            key=lease.key,
-            owner=lease.owner,
-            epoch=lease.epoch,
-            state=_dumps(state.to_json()),
-            updated_at=now,
-            new_owner=state.owner.value,
-            queue=handoff.get("queue"),
-            agent=handoff.get("agent"),
-        )
+        state_params = {
+            "key": lease.key,
+            "owner": lease.owner,
+            "epoch": lease.epoch,
+            "state": _dumps(state.to_json()),
+            "updated_at": now,
+            "new_owner": state.owner.value,
+            "queue": handoff.get("queue"),
+            "agent": handoff.get("agent"),
+        }
         set_state = hot.set_state_since if transitions else hot.set_state
-        done_params = hot.params(ids=list(inbox_ids), now=now)
         platform = lease.key.split(":", 1)[0]
         rows = [
             {
@@ -536,7 +548,7 @@ class Store:
             }
             for item, key in outgoing
         ]
-        cancel_params = hot.params(key=lease.key, names=list(cancel_timers))
+        cancel_params = {"p_key": lease.key, "p_names": list(cancel_timers)}
         timer_rows = [
             {
                 "conversation_key": lease.key,
@@ -562,15 +574,15 @@ class Store:
         ]
 
         def op(conn: Connection) -> list[OutboxItem]:
-            if conn.execute(set_state, state_params).rowcount != 1:
+            if execute(conn, set_state, state_params).rowcount != 1:
                 raise LeaseLost(lease.key)
             if inbox_ids:
-                conn.execute(hot.done, done_params)
+                hot.mark_done(conn, inbox_ids, now)
             added: dict[str, int] = {}
             if rows:
-                added = {r[1]: r[0] for r in conn.execute(hot.add_outbox, rows[0] if len(rows) == 1 else rows)}
+                added = hot.insert_outbox(conn, rows)
             if cancel_timers:
-                conn.execute(hot.cancel_timers, cancel_params)
+                conn.execute(self._cancel_timers, cancel_params)
             if timer_rows:
                 conn.execute(insert(TIMER), timer_rows)
             if user_vars is not None:
@@ -666,27 +678,19 @@ class Store:
 
     async def due_outbox(self, key: str, limit: int = 32) -> list[OutboxItem]:
         """The conversation's pending outbox rows in order (due or not: order is per conversation)."""
-        stmt, params = self._hot.due_outbox, self._hot.params(key=key, limit=limit)
+        sql, params = self._hot.due_outbox, {"key": key, "limit": limit}
 
         def op(conn: Connection) -> list[OutboxItem]:
             return [
-                OutboxItem(
-                    r.id,
-                    r.conversation_key,
-                    r.platform,
-                    Outgoing.from_json(json.loads(r.body)),
-                    r.idempotency_key,
-                    r.attempts,
-                    r.next_attempt_at,
-                )
-                for r in conn.execute(stmt, params)
+                OutboxItem(i, conversation, platform, Outgoing.from_json(json.loads(body)), idem, attempts, next_at)
+                for i, conversation, platform, body, idem, attempts, next_at in execute(conn, sql, params).fetchall()
             ]
 
         return await self.run(op)
 
     async def mark_sent(self, outbox_id: int) -> None:
-        stmt, params = self._hot.mark_sent, self._hot.params(id=outbox_id, now=time.time())
-        await self.run(lambda conn: conn.execute(stmt, params))
+        sql, params = self._hot.mark_sent, {"id": outbox_id, "now": time.time()}
+        await self.run(lambda conn: execute(conn, sql, params))
 
     async def mark_retry(self, outbox_id: int, attempts: int, next_attempt_at: float, error: str) -> None:
         stmt = (
@@ -1109,122 +1113,24 @@ class Store:
         await self.run(lambda conn: conn.execute(stmt))
 
 
-class _HotStatements:
-    """The statements every message runs, built once with bind parameters: building a SQLAlchemy
-    statement costs more than running it on SQLite (bench/README.md). Parameters are named `p_*`
-    (SQLAlchemy reserves column names); `params()` adds the prefix."""
-
-    @staticmethod
-    def params(**values: Any) -> dict[str, Any]:
-        return {f"p_{k}": v for k, v in values.items()}
-
-    def __init__(self, insert: Any, db_now: Any) -> None:
-        c, i, o, t = CONVERSATION.c, INBOX.c, OUTBOX.c, TIMER.c
-        now = (
-            db_now
-            if isinstance(db_now, ColumnElement) and db_now.__class__.__name__ == "Cast"
-            else bindparam("p_db_now")
-        )
-        until = now + bindparam("p_lease")
-        self.claim = (
-            insert(CONVERSATION)
-            .values(
-                key=bindparam("p_key"),
-                platform=bindparam("p_platform"),
-                external_id=bindparam("p_external_id"),
-                lease_owner=bindparam("p_owner"),
-                lease_until=until,
-                epoch=1,
-                created_at=bindparam("p_now"),
-                updated_at=bindparam("p_now"),
-            )
-            .on_conflict_do_update(
-                index_elements=["key"],
-                set_={"lease_owner": bindparam("p_owner"), "lease_until": until, "epoch": c.epoch + 1},
-                where=or_(c.lease_owner.is_(None), c.lease_until < now, c.lease_owner == bindparam("p_owner")),
-            )
-            .returning(c.epoch, c.state)
-        )
-        self.pending = (
-            select(i.id, i.body)
-            .where(i.conversation_key == bindparam("p_key"), i.status == "pending")
-            .order_by(i.id)
-            .limit(bindparam("p_limit"))
-        )
-        ours = (c.key == bindparam("p_key"), c.lease_owner == bindparam("p_owner"), c.epoch == bindparam("p_epoch"))
-        state_values: dict[str, Any] = {
-            "state": bindparam("p_state"),
-            "updated_at": bindparam("p_updated_at"),
-            "owner": bindparam("p_new_owner"),
-            "queue": bindparam("p_queue"),
-            "agent": bindparam("p_agent"),
-        }
-        self.set_state = update(CONVERSATION).where(*ours).values(**state_values)
-        self.set_state_since = (
-            update(CONVERSATION).where(*ours).values(**state_values, owner_since=bindparam("p_updated_at"))
-        )
-        self.done = (
-            update(INBOX)
-            .where(i.id.in_(bindparam("p_ids", expanding=True)))
-            .values(status="done", handled_at=bindparam("p_now"))
-        )
-        self.add_outbox = (
-            insert(OUTBOX).on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(o.id, o.idempotency_key)
-        )
-        self.cancel_timers = (
-            update(TIMER)
-            .where(
-                t.conversation_key == bindparam("p_key"),
-                t.status == "pending",
-                t.name.in_(bindparam("p_names", expanding=True)),
-            )
-            .values(status="cancelled")
-        )
-        self.due_outbox = (
-            select(OUTBOX)
-            .where(o.conversation_key == bindparam("p_key"), o.status == "pending")
-            .order_by(o.id)
-            .limit(bindparam("p_limit"))
-        )
-        self.mark_sent = (
-            update(OUTBOX)
-            .where(o.id == bindparam("p_id"))
-            .values(status="sent", sent_at=bindparam("p_now"), last_error=None)
-        )
-        pending_in = exists().where(i.conversation_key == bindparam("p_key"), i.status == "pending")
-        pending_out = exists().where(o.conversation_key == bindparam("p_key"), o.status == "pending")
-        self.release = (
-            update(CONVERSATION).where(*ours, ~pending_in, ~pending_out).values(lease_owner=None, lease_until=0.0)
-        )
-
-
 class _Accept:
     """The op of one `Store.accept`: on its own, one INSERT; in a batch with other accepts, all of
     them share one multi-row INSERT (the writes of many webhooks in one statement)."""
 
-    __slots__ = ("keys", "rows", "stmt")
-    CHUNK = 1000  # rows per statement: SQLite allows 32766 bound values, 7 a row
+    __slots__ = ("hot", "keys", "rows")
 
-    def __init__(self, stmt: Any, rows: list[dict[str, Any]]) -> None:
-        self.stmt = stmt
+    def __init__(self, hot: HotSQL, rows: list[dict[str, Any]]) -> None:
+        self.hot = hot
         self.rows = rows
         self.keys = [(r["platform"], r["message_id"]) for r in rows]
 
     def __call__(self, conn: Connection) -> dict[tuple[str, str], int]:
-        return self._insert(conn, self.stmt, self.rows)
+        return self._insert(conn, self.hot, self.rows)
 
-    @classmethod
-    def _insert(cls, conn: Connection, stmt: Any, rows: list[dict[str, Any]]) -> dict[tuple[str, str], int]:
-        inserted: dict[tuple[str, str], int] = {}
+    @staticmethod
+    def _insert(conn: Connection, hot: HotSQL, rows: list[dict[str, Any]]) -> dict[tuple[str, str], int]:
         # in key order: two nodes inserting the same duplicates wait for each other in one order, not in a cycle
-        rows = sorted(rows, key=lambda r: (r["platform"], r["message_id"]))
-        for i in range(0, len(rows), cls.CHUNK):
-            chunk = rows[i : i + cls.CHUNK]
-            # one compiled statement for any number of rows: SQLAlchemy's "insertmanyvalues" batches
-            # an executemany with RETURNING into multi-row INSERTs on both SQLite and PostgreSQL
-            result = conn.execute(stmt, chunk[0] if len(chunk) == 1 else chunk)
-            inserted.update(((r[0], r[1]), r[2]) for r in result)
-        return inserted
+        return hot.insert_inbox(conn, sorted(rows, key=lambda r: (r["platform"], r["message_id"])))
 
     @classmethod
     def merged(cls, conn: Connection, ops: list[_Accept]) -> dict[int, dict[tuple[str, str], int]]:
@@ -1232,7 +1138,7 @@ class _Accept:
         ids (a key sent by two webhooks in one batch is new for the first only)."""
         if len(ops) < 2:
             return {}
-        inserted = cls._insert(conn, ops[0].stmt, [row for op in ops for row in op.rows])
+        inserted = cls._insert(conn, ops[0].hot, [row for op in ops for row in op.rows])
         out: dict[int, dict[tuple[str, str], int]] = {}
         for op in ops:
             out[id(op)] = {k: inserted.pop(k) for k in op.keys if k in inserted}
