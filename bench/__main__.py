@@ -18,6 +18,13 @@ from typing import Any
 from bench import loadgen, procs, report
 from bench.loadgen import LoadSpec
 from bench.scenarios import HEADLINE, SCENARIOS, BenchError, Options, Skipped, find_switchboard, with_workdir
+from bench.stores import PG_ADMIN, STORES, StoreSpec
+
+#: more figures the progress line shows, beside the headline
+BRIEF = {
+    "nodes": ("replies_s_1", "scaling", "duplicate_replies"),
+    "memory": ("conversations", "store_bytes_per_conv", "rss_slope_bytes_per_conv"),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,12 +34,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="warm-up before each window (default 1)")
     parser.add_argument(
         "--scenario", action="append", choices=sorted(SCENARIOS), dest="scenarios",
-        help="repeatable; default: all. bare always runs, as the base of the ratios",
+        help="repeatable; default: all but nodes and memory. bare always runs, as the base of the ratios",
     )  # fmt: skip
     parser.add_argument("--connections", type=int, default=64, help="closed-loop connections (default 64)")
     parser.add_argument("--conversations", type=int, default=100, help="distinct conversations (default 100)")
     parser.add_argument("--loadgen", choices=["wrk", "aioload"], default=loadgen.default_tool())
     parser.add_argument("--paced-rate", type=float, help="paced webhooks/s (default: half of saturation)")
+    parser.add_argument(
+        "--store", choices=STORES, default="sqlite",
+        help="the service's store in ingest, roundtrip and memory (default sqlite); postgresql: a scratch "
+        "database per phase on --pg, created and dropped by the bench (nodes always uses postgresql)",
+    )  # fmt: skip
+    parser.add_argument("--pg", default=PG_ADMIN, help=f"PostgreSQL to make scratch databases on ({PG_ADMIN})")
+    parser.add_argument(
+        "--memory-conversations", type=int, default=20_000,
+        help="new conversations the memory scenario stores (default 20000; figures are per conversation)",
+    )  # fmt: skip
+    parser.add_argument("--memory-steps", type=int, default=4, help="steps of the memory scenario (default 4)")
+    parser.add_argument(
+        "--memory-no-flood", dest="memory_flood", action="store_false",
+        help="memory scenario: the service without flood control (no per-sender buckets), to tell them apart",
+    )  # fmt: skip
     parser.add_argument("--drain", type=float, default=10.0, help="max wait for late replies (default 10 s)")
     parser.add_argument("--switchboard", type=Path, help="the switchboard command (default: found)")
     parser.add_argument("--log-level", default="warning", help="the service's --log-level (default warning)")
@@ -41,11 +63,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.runs < 1 or args.seconds < 1 or args.warmup < 0:
         parser.error("--runs and --seconds must be >= 1, --warmup >= 0")
+    if args.memory_conversations < 1 or args.memory_steps < 1:
+        parser.error("--memory-conversations and --memory-steps must be >= 1")
     return args
 
 
+#: run only when named with --scenario: they need PostgreSQL or take minutes
+OPT_IN = ("nodes", "memory")
+
+
 def selected(args: argparse.Namespace) -> list[str]:
-    chosen = args.scenarios or list(SCENARIOS)
+    chosen = args.scenarios or [name for name in SCENARIOS if name not in OPT_IN]
     return ["bare", *(name for name in SCENARIOS if name in chosen and name != "bare")]
 
 
@@ -59,6 +87,10 @@ def options(args: argparse.Namespace, workdir: Path) -> Options:
         log_level=args.log_level,
         drain=args.drain,
         paced_rate=args.paced_rate,
+        store=StoreSpec(args.store, args.pg),
+        memory_conversations=args.memory_conversations,
+        memory_steps=args.memory_steps,
+        memory_flood=args.memory_flood,
     )
 
 
@@ -77,7 +109,7 @@ def run_one(name: str, opts: Options) -> dict[str, Any]:
 
 
 def _brief(name: str, result: dict[str, Any]) -> str:
-    keys = [HEADLINE[name], "p99_ms", "e2e_p50_ms", "e2e_p99_ms"]
+    keys = [HEADLINE.get(name, ""), "p99_ms", "e2e_p50_ms", "e2e_p99_ms", *BRIEF.get(name, ())]
     return ", ".join(f"{k} {report.fmt(float(result[k]))}" for k in keys if k in result)
 
 

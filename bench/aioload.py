@@ -37,7 +37,7 @@ async def worker(
 ) -> None:
     while time.monotonic() < stop_at:
         n = next(ids)
-        body = webhook_body(f"{args.prefix}0-{n}", n % args.conversations)
+        body = webhook_body(f"{args.prefix}0-{n}", args.offset + n % args.conversations)
         started = time.perf_counter()
         try:
             async with session.post(url, data=body, headers=WEBHOOK_HEADERS) as resp:
@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--conversations", type=int, default=100)
     parser.add_argument("--prefix", default="m")
+    parser.add_argument("--offset", type=int, default=0, help="conversation ids start here (default 0)")
     args = parser.parse_args()
     result = aio.run(run(args))
     print("BENCH_JSON " + json.dumps(result), flush=True)

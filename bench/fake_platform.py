@@ -2,7 +2,7 @@
 
 `python -m bench.fake_platform --port P`. Every POST to /messages is recorded as (reply_to, arrival time)
 with `time.monotonic()`, which on Linux is one system-wide clock, so the bench process can subtract its own
-send times from it. GET /arrivals returns what was recorded; POST /reset forgets it.
+send times from it. GET /arrivals returns what was recorded, GET /count how many; POST /reset forgets it.
 """
 
 from __future__ import annotations
@@ -43,6 +43,13 @@ async def arrivals(request: web.Request) -> web.Response:
     return web.Response(body=json.dumps(body).encode(), content_type="application/json")
 
 
+async def count(request: web.Request) -> web.Response:
+    """How many /messages POSTs arrived, and for how many distinct reply_to (cheaper than /arrivals)."""
+    recorded = request.app[ARRIVALS]
+    body = {"messages": len(recorded), "distinct": len({reply_to for reply_to, _ in recorded})}
+    return web.Response(body=json.dumps(body).encode(), content_type="application/json")
+
+
 async def reset(request: web.Request) -> web.Response:
     request.app[ARRIVALS].clear()
     request.app[OTHER].clear()
@@ -57,6 +64,7 @@ def make_app() -> web.Application:
     app.router.add_post("/typing", other)
     app.router.add_post("/read", other)
     app.router.add_get("/arrivals", arrivals)
+    app.router.add_get("/count", count)
     app.router.add_post("/reset", reset)
     app.router.add_get("/healthz", other)
     return app

@@ -12,6 +12,7 @@ from pathlib import Path
 from bench.procs import LOAD_CORE, BenchError, pinned
 
 LUA = Path(__file__).with_name("webhook.lua")
+FRESH_LUA = Path(__file__).with_name("fresh.lua")
 MARK = "BENCH_JSON "
 
 
@@ -20,6 +21,8 @@ class LoadSpec:
     tool: str  # "wrk" or "aioload"
     connections: int = 64
     conversations: int = 100
+    #: conversation ids are c-<offset>..c-<offset + conversations - 1>
+    offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -54,17 +57,33 @@ def command(spec: LoadSpec, url: str, seconds: int, prefix: str) -> list[str]:
             raise BenchError("wrk not found: `apt-get install -y wrk`, or pass --loadgen aioload")
         return [
             wrk, "-t1", f"-c{spec.connections}", f"-d{seconds}s", "--timeout", "10s",
-            "-s", str(LUA), url, "--", str(spec.conversations), prefix,
+            "-s", str(LUA), url, "--", str(spec.conversations), prefix, str(spec.offset),
         ]  # fmt: skip
     return [
         sys.executable, "-m", "bench.aioload", url, "--seconds", str(seconds),
         "--connections", str(spec.connections), "--conversations", str(spec.conversations), "--prefix", prefix,
+        "--offset", str(spec.offset),
     ]  # fmt: skip
 
 
-def start(spec: LoadSpec, url: str, seconds: int, prefix: str) -> subprocess.Popen[str]:
-    """Start the generator on the load core; collect it with `finish`."""
-    cmd = pinned(command(spec, url, seconds, prefix), LOAD_CORE)
+def fresh_command(url: str, connections: int, seconds: int, prefix: str, stop_after: int) -> list[str]:
+    """wrk with bench/fresh.lua: a new conversation per request, stopping after `stop_after` 2xx answers."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise BenchError("wrk not found: `apt-get install -y wrk`")
+    return [
+        wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
+        "-s", str(FRESH_LUA), url, "--", prefix, str(stop_after),
+    ]  # fmt: skip
+
+
+def start(spec: LoadSpec, url: str, seconds: int, prefix: str, core: int | None = LOAD_CORE) -> subprocess.Popen[str]:
+    """Start the generator on the load core (None: unpinned); collect it with `finish`."""
+    return spawn(command(spec, url, seconds, prefix), core)
+
+
+def spawn(cmd: list[str], core: int | None = LOAD_CORE) -> subprocess.Popen[str]:
+    cmd = pinned(cmd, core)
     cwd = Path(__file__).resolve().parent.parent
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
 

@@ -19,6 +19,8 @@ from pathlib import Path
 #: the core the server under test gets; the load generator, fakes and this process share the other one
 SERVER_CORE = 0
 LOAD_CORE = 1
+#: the cores this process could use when it started (before `pin_self`): what "unpinned" children get
+ALL_CORES = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -45,12 +47,62 @@ def pin_self(core: int = LOAD_CORE) -> None:
         os.sched_setaffinity(0, {core})
 
 
-def pinned(cmd: Sequence[str], core: int) -> list[str]:
+def cores(core: int | None) -> set[int]:
+    """One core, or (None) every core this process started with: unpinned, despite `pin_self`."""
+    return {core} if core is not None else set(ALL_CORES)
+
+
+def pinned(cmd: Sequence[str], core: int | None) -> list[str]:
     """`taskset -c CORE cmd...` where taskset exists; `Proc.start` falls back to sched_setaffinity."""
     taskset = shutil.which("taskset")
     if can_pin() and taskset:
-        return [taskset, "-c", str(core), *cmd]
+        return [taskset, "-c", ",".join(map(str, sorted(cores(core)))), *cmd]
     return list(cmd)
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (field 3 onwards); None once the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """User + system CPU time of a process (all its threads), plus its reaped children's; 0 once gone."""
+    fields = _stat(pid)
+    if fields is None:
+        return 0.0
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / CLK_TCK
+
+
+def ppid(pid: int) -> int | None:
+    fields = _stat(pid)
+    return int(fields[1]) if fields else None
+
+
+def memory_kib(pid: int) -> dict[str, float]:
+    """VmRSS (resident now) and VmHWM (the peak resident) of a process, in KiB; empty once it is gone."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = float(value.split()[0])
+    return out
+
+
+def busy_cores() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, wall seconds), from /proc/stat: diff two samples."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / CLK_TCK, time.monotonic()
 
 
 def die_with_parent() -> None:
@@ -67,7 +119,7 @@ class Proc:
     log: Path
 
     @classmethod
-    def start(cls, name: str, cmd: Sequence[str], core: int, log: Path, cwd: Path | None = None) -> Proc:
+    def start(cls, name: str, cmd: Sequence[str], core: int | None, log: Path, cwd: Path | None = None) -> Proc:
         with log.open("wb") as out:
             popen = subprocess.Popen(
                 pinned(cmd, core),
@@ -79,16 +131,12 @@ class Proc:
             )
         if can_pin() and not shutil.which("taskset"):
             with contextlib.suppress(OSError):
-                os.sched_setaffinity(popen.pid, {core})
+                os.sched_setaffinity(popen.pid, cores(core))
         return cls(name, popen, log)
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the process (all its threads) so far; 0 once it is gone."""
-        try:
-            fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return cpu_seconds(self.popen.pid)
 
     def tail(self, lines: int = 20) -> str:
         try:

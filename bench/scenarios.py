@@ -6,20 +6,22 @@ ratio to the bare endpoint's req/s of the same repeat.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bench import aio, loadgen
 from bench.loadgen import LoadResult, LoadSpec
 from bench.paced import Pace, PacedResult, send_paced
-from bench.procs import LOAD_CORE, OPENER, SERVER_CORE, BenchError, Proc, free_port, running
+from bench.procs import LOAD_CORE, OPENER, SERVER_CORE, BenchError, Proc, busy_cores, free_port, running
 from bench.stats import percentile
+from bench.stores import PgProbe, Scratch, StoreSpec, scratch
 
 REPO = Path(__file__).resolve().parent.parent
 PLATFORM = "bench"
@@ -51,6 +53,13 @@ class Options:
     drain: float = 10.0
     #: paced webhooks/s; None means half the saturated replies/s
     paced_rate: float | None = None
+    #: the service's store in `ingest`, `roundtrip` and `memory` (`nodes` is on PostgreSQL always)
+    store: StoreSpec = field(default_factory=StoreSpec)
+    #: conversations the memory scenario creates, in `memory_steps` equal steps
+    memory_conversations: int = 20_000
+    memory_steps: int = 4
+    #: the memory scenario's service keeps the default flood control (a bucket per sender)
+    memory_flood: bool = True
 
 
 # -- processes ---------------------------------------------------------------------------------------
@@ -81,28 +90,29 @@ def start_bare(opts: Options) -> tuple[Proc, str]:
     return proc, f"{base}/webhooks/{PLATFORM}"
 
 
-def start_fake(opts: Options) -> tuple[Proc, str]:
+def start_fake(opts: Options, core: int | None = LOAD_CORE) -> tuple[Proc, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "bench.fake_platform", "--port", str(port)]
-    proc = Proc.start("fake platform", cmd, LOAD_CORE, opts.workdir / f"fake-{port}.log", cwd=REPO)
+    proc = Proc.start("fake platform", cmd, core, opts.workdir / f"fake-{port}.log", cwd=REPO)
     base = f"http://127.0.0.1:{port}"
     proc.wait_http(f"{base}/healthz")
     return proc, base
 
 
-def write_service_files(folder: Path, fake_base: str) -> Path:
-    """A fresh store, the one-state echo flow and a generic platform pointing at the fake."""
+def write_service_files(folder: Path, fake_base: str, store_url: str, flood_control: bool = False) -> Path:
+    """The store's URL, the one-state echo flow and a generic platform pointing at the fake."""
     flows = folder / "flows"
     flows.mkdir(parents=True)
     (flows / "bench.yaml").write_text(FLOW)
     config = folder / "switchboard.yaml"
     config.write_text(
         "store:\n"
-        f"  url: {json.dumps('sqlite:///' + str(folder / 'sb.db'))}\n"
+        f"  url: {json.dumps(store_url)}\n"
         f"flows: {json.dumps(str(flows))}\n"
         # the load generator is a few senders at thousands of messages a second: no flood control
-        "ingress:\n  sender_per_second: null\n"
-        "platforms:\n"
+        # (unless every message comes from a sender of its own, as in the memory scenario)
+        + ("" if flood_control else "ingress:\n  sender_per_second: null\n")
+        + "platforms:\n"
         f"  {PLATFORM}:\n"
         "    type: generic\n"
         f"    post_message_url: {json.dumps(fake_base + '/messages')}\n"
@@ -110,17 +120,23 @@ def write_service_files(folder: Path, fake_base: str) -> Path:
     return config
 
 
-def start_service(opts: Options, fake_base: str) -> tuple[Proc, str]:
+def start_service(
+    opts: Options,
+    fake_base: str,
+    store: Scratch,
+    core: int | None = SERVER_CORE,
+    flood_control: bool = False,
+) -> tuple[Proc, str]:
     if opts.switchboard is None:
         raise Skipped("no `switchboard` command (or --switchboard is not a file): `make run` installs it")
     port = free_port()
     folder = opts.workdir / f"service-{port}"
-    config = write_service_files(folder, fake_base)
+    config = write_service_files(folder, fake_base, store.url, flood_control)
     cmd = [
         str(opts.switchboard), "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
         "--log-level", opts.log_level,
     ]  # fmt: skip
-    proc = Proc.start("switchboard", cmd, SERVER_CORE, folder / "serve.log", cwd=folder)
+    proc = Proc.start("switchboard", cmd, core, folder / "serve.log", cwd=folder)
     base = f"http://127.0.0.1:{port}"
     proc.wait_http(f"{base}/readyz", timeout=60)
     return proc, f"{base}/webhooks/{PLATFORM}"
@@ -155,14 +171,20 @@ def first_arrivals(arrivals: list[tuple[str, float]]) -> tuple[dict[str, float],
 # -- measurements ------------------------------------------------------------------------------------
 
 
-def closed_loop(opts: Options, server: Proc, url: str) -> Metrics:
-    """A warm-up run, then the measured run; CPU of the server over the measured run."""
+def closed_loop(opts: Options, server: Proc, url: str, probe: PgProbe | None = None) -> Metrics:
+    """A warm-up run, then the measured run; CPU of the server (and PostgreSQL) over the measured run."""
     if opts.warmup > 0:
         loadgen.run(opts.load, url, opts.warmup, prefix="w")
-    cpu0, t0 = server.cpu_seconds(), time.monotonic()
+    pg0 = probe.sample() if probe else None
+    (busy0, t0), cpu0 = busy_cores(), server.cpu_seconds()
     result = loadgen.run(opts.load, url, opts.seconds, prefix="m")
-    cpu = (server.cpu_seconds() - cpu0) / (time.monotonic() - t0)
-    return {**load_metrics(result), "server_cpu": cpu}
+    busy1, t1 = busy_cores()
+    elapsed = t1 - t0
+    cpu = (server.cpu_seconds() - cpu0) / elapsed
+    metrics = {**load_metrics(result), "server_cpu": cpu, "machine_busy": (busy1 - busy0) / elapsed}
+    if probe and pg0:
+        metrics |= probe.figures(pg0, probe.sample(), elapsed, result.ok_per_s * elapsed)
+    return metrics
 
 
 def load_metrics(result: LoadResult) -> Metrics:
@@ -175,28 +197,36 @@ def load_metrics(result: LoadResult) -> Metrics:
     }
 
 
-def saturate(opts: Options, server: Proc, url: str, fake_base: str) -> Metrics:
+def saturate(opts: Options, server: Proc, url: str, fake_base: str, probe: PgProbe | None = None) -> Metrics:
     """Unthrottled webhooks for warmup + seconds; replies counted at the fake after the warm-up."""
     reset_fake(fake_base)
     launched = time.monotonic()
     proc = loadgen.start(opts.load, url, opts.warmup + opts.seconds, prefix="s")
     time.sleep(opts.warmup)
-    cpu0, window_start = server.cpu_seconds(), time.monotonic()
+    pg0 = probe.sample() if probe else None
+    (busy0, window_start), cpu0 = busy_cores(), server.cpu_seconds()
     time.sleep(max(0.0, launched + opts.warmup + opts.seconds - time.monotonic()))
-    cpu = (server.cpu_seconds() - cpu0) / (time.monotonic() - window_start)
+    busy1, now = busy_cores()
+    elapsed = now - window_start
+    cpu = (server.cpu_seconds() - cpu0) / elapsed
+    pg1 = probe.sample() if probe else None
     result = loadgen.finish(proc, opts.warmup + opts.seconds)
     window_end = window_start + opts.seconds
     arrivals = fetch_arrivals(fake_base)
     in_window = sum(1 for _, at in arrivals if window_start <= at < window_end)
     _, repeats = first_arrivals(arrivals)
-    return {
+    metrics = {
         "replies_s": in_window / opts.seconds,
         "ack_s": result.ok_per_s,
         "ack_p99_ms": result.p99_ms,
         "ack_non_2xx": float(result.non_2xx),
         "duplicate_replies": float(repeats),
         "server_cpu": cpu,
+        "machine_busy": (busy1 - busy0) / elapsed,
     }
+    if probe and pg0 and pg1:
+        metrics |= probe.figures(pg0, pg1, elapsed, in_window * elapsed / opts.seconds)
+    return metrics
 
 
 def paced(opts: Options, url: str, fake_base: str, rate: float) -> Metrics:
@@ -246,28 +276,43 @@ def bare(opts: Options) -> Metrics:
     return {**metrics, "us_per_req": 1e6 / metrics["req_s"] if metrics["req_s"] > 0 else math.nan}
 
 
+@contextlib.contextmanager
+def probing(store: Scratch) -> Iterator[PgProbe | None]:
+    """A PostgreSQL probe on the phase's scratch database; None on SQLite."""
+    if store.kind != "postgresql":
+        yield None
+        return
+    probe = PgProbe(store)
+    try:
+        yield probe
+    finally:
+        probe.close()
+
+
 def ingest(opts: Options) -> Metrics:
     """Webhook req/s into the whole service (persist, dispatch, reply) with a 200 fake platform."""
     fake, fake_base = start_fake(opts)
-    with running([fake]):
-        server, url = start_service(opts, fake_base)
-        with running([server]):
-            return closed_loop(opts, server, url)
+    with running([fake]), scratch(opts.store, opts.workdir / "store") as store:
+        server, url = start_service(opts, fake_base, store)
+        with running([server]), probing(store) as probe:
+            return closed_loop(opts, server, url, probe)
 
 
 def roundtrip(opts: Options) -> Metrics:
     """Replies/s at saturation, then webhook-to-reply latency at half that rate, each on a fresh service."""
     fake, fake_base = start_fake(opts)
     with running([fake]):
-        server, url = start_service(opts, fake_base)
-        with running([server]):
-            saturated = saturate(opts, server, url, fake_base)
+        with scratch(opts.store, opts.workdir / "store-s") as store:
+            server, url = start_service(opts, fake_base, store)
+            with running([server]), probing(store) as probe:
+                saturated = saturate(opts, server, url, fake_base, probe)
         rate = opts.paced_rate or saturated["replies_s"] / 2
         if rate < 1:
             return {**saturated, "paced_rate": rate}
-        server, url = start_service(opts, fake_base)
-        with running([server]):
-            return {**saturated, **paced(opts, url, fake_base, rate)}
+        with scratch(opts.store, opts.workdir / "store-p") as store:
+            server, url = start_service(opts, fake_base, store)
+            with running([server]):
+                return {**saturated, **paced(opts, url, fake_base, rate)}
 
 
 def engine(opts: Options) -> Metrics:
@@ -279,10 +324,38 @@ def engine(opts: Options) -> Metrics:
     return measure(opts.warmup, opts.seconds)
 
 
+def nodes(opts: Options) -> Metrics:
+    """One node, then two, on one PostgreSQL database under the same wrk load: replies/s and CPU by process."""
+    from bench.cluster import measure
+
+    return measure(opts)
+
+
+def memory(opts: Options) -> Metrics:
+    """Store bytes and the service's RSS per conversation, over `memory_conversations` new conversations."""
+    from bench.memory import measure
+
+    return measure(opts)
+
+
 Scenario = Callable[[Options], Metrics]
-SCENARIOS: dict[str, Scenario] = {"bare": bare, "ingest": ingest, "roundtrip": roundtrip, "engine": engine}
+SCENARIOS: dict[str, Scenario] = {
+    "bare": bare,
+    "ingest": ingest,
+    "roundtrip": roundtrip,
+    "engine": engine,
+    "nodes": nodes,
+    "memory": memory,
+}
 #: the figure each scenario is judged by; its ratio is taken to bare's req_s of the same repeat
-HEADLINE = {"bare": "req_s", "ingest": "req_s", "roundtrip": "replies_s", "engine": "turns_s"}
+#: (`memory` has none: bytes per conversation are not a rate)
+HEADLINE = {
+    "bare": "req_s",
+    "ingest": "req_s",
+    "roundtrip": "replies_s",
+    "engine": "turns_s",
+    "nodes": "replies_s_2",
+}
 
 
 def with_workdir(opts: Options, workdir: Path) -> Options:

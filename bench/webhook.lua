@@ -1,6 +1,7 @@
 -- wrk script: generic-platform webhooks, a unique message_id per request.
--- wrk -t1 -c64 -d5s -s bench/webhook.lua URL -- <conversations> <prefix>
--- message_id is "<prefix><thread>-<n>"; conversation_id and sender.id cycle over <conversations>.
+-- wrk -t1 -c64 -d5s -s bench/webhook.lua URL -- <conversations> <prefix> [<offset>]
+-- message_id is "<prefix><thread>-<n>"; conversation_id and sender.id cycle over <conversations>,
+-- numbered from <offset> (0): c-<offset>..c-<offset + conversations - 1>.
 -- done() prints one line "BENCH_JSON {...}" for bench/loadgen.py to parse.
 
 local threads = {}
@@ -12,19 +13,21 @@ end
 
 local conversations = 100
 local prefix = "m"
+local offset = 0
 local counter = 0
 local fmt = '{"message_id":"%s%d-%d","conversation_id":"c-%d","sender":{"id":"u-%d"},"type":"text","text":"hello"}'
 
 function init(args)
   conversations = tonumber(args[1]) or 100
   prefix = args[2] or "m"
+  offset = tonumber(args[3]) or 0
   wrk.method = "POST"
   wrk.headers["Content-Type"] = "application/json"
 end
 
 function request()
   counter = counter + 1
-  local k = counter % conversations
+  local k = offset + counter % conversations
   return wrk.format(nil, nil, nil, string.format(fmt, prefix, tid, counter, k, k))
 end
 
