@@ -185,6 +185,11 @@ class LocalHub:
     def resync_event(self) -> Event:
         return Event(f"{self.epoch}.{next(self._ids)}", "", {"kind": RESYNC})
 
+    def resync(self, sub: Subscription) -> None:
+        """Tell one subscription (of this hub, still open) to reload what it shows."""
+        if isinstance(sub, _LocalSubscription) and sub.hub is self:
+            sub.offer(self.resync_event())
+
     def forget(self, sub: _LocalSubscription) -> None:
         for topic in sub.topics:
             subs = self._subscribers.get(topic)

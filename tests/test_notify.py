@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -217,6 +218,190 @@ async def test_cluster_hub_carries_events_to_the_other_nodes_pages() -> None:
     hub2.close()
     await bus1.close()
     await bus2.close()
+
+
+# -- the hub sends a topic's events only to nodes that want them ------------------------------------
+
+#: small TTL and intervals, so the tests see them pass
+FAST = {"ttl": 0.4, "refresh": 0.1, "settle": 0.05}
+
+
+async def until(predicate: Callable[[], bool], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def local_nodes(scope: str, **options: float) -> AsyncIterator[tuple[ClusterHub, ClusterHub, Inbox]]:
+    """Two ClusterHubs on LocalBuses of one scope, and what crossed on the `hub` channel."""
+    buses = [LocalBus(scope), LocalBus(scope)]
+    for bus in buses:
+        await bus.start()
+    a, b = (ClusterHub(LocalHub(), bus, **(FAST | options)) for bus in buses)
+    crossed = Inbox()
+    buses[0].subscribe("hub", crossed)
+    try:
+        yield a, b, crossed
+    finally:
+        a.close()
+        b.close()
+        await asyncio.sleep(0.02)  # the last signals' tasks finish
+        for bus in buses:
+            await bus.close()
+
+
+async def past_warm_up(*hubs: ClusterHub) -> None:
+    """A hub that asked the others for their interest forwards everything for 2 * settle."""
+    await asyncio.sleep(max(2 * hub.settle for hub in hubs) + 0.05)
+
+
+async def test_cluster_hub_sends_nothing_no_other_node_wants() -> None:
+    async with local_nodes("interest-none") as (a, b, crossed):
+        await past_warm_up(a, b)
+        a.publish("conversation:myapp:c-1", {"kind": "turn"})
+        a.publish("inbox", {"kind": "turn"})
+        await asyncio.sleep(0.1)
+        assert (a.sent, a.withheld) == (0, 2)
+        assert crossed.got == [] and b.received == 0
+    # alone on its bus: neither events nor interest are sent, and no resync is needed
+    solo = LocalBus("interest-solo")
+    await solo.start()
+    hub = ClusterHub(LocalHub(), solo, **FAST)
+    page = hub.subscribe(["inbox"])
+    hub.publish("inbox", {"kind": "turn"})
+    got = await page.next(1)
+    assert got is not None and got.kind == "turn"
+    await asyncio.sleep(0.15)
+    assert (hub.sent, hub.withheld, hub.announced) == (0, 0, 0)
+    assert await page.next(0.05) is None
+    hub.close()
+    await solo.close()
+
+
+async def test_cluster_hub_sends_a_topics_events_once_another_node_subscribes_to_it() -> None:
+    topic = "conversation:myapp:c-1"
+    async with local_nodes("interest-some") as (a, b, crossed):
+        await past_warm_up(a, b)
+        page = b.subscribe([topic])
+        await until(lambda: topic in a.wanted_remotely())
+        first = await page.next(1)
+        assert first is not None and first.kind == RESYNC, "the new subscription's resync"
+        a.publish(topic, {"kind": "turn", "n": 1})
+        a.publish("conversation:myapp:c-2", {"kind": "turn", "n": 2})
+        got = await page.next(1)
+        assert got is not None and got.topic == topic and got.data == {"kind": "turn", "n": 1}
+        await asyncio.sleep(0.05)
+        assert (a.sent, a.withheld) == (1, 1)
+        assert [json.loads(s.payload)["t"] for s in crossed.got] == [topic]
+        assert b.wanted_remotely() == set(), "a has no subscribers"
+
+
+async def test_cluster_hub_interest_lasts_while_renewed_and_expires_after_the_subscription() -> None:
+    topic = "conversation:myapp:c-1"
+    async with local_nodes("interest-expiry") as (a, b, _):
+        page = b.subscribe([topic])
+        await until(lambda: topic in a.wanted_remotely())
+        await asyncio.sleep(3 * a.ttl)  # renewed every `refresh` seconds
+        assert topic in a.wanted_remotely()
+        page.close()
+        closed = time.monotonic()
+        await until(lambda: topic not in a.wanted_remotely(), within=3 * a.ttl)
+        assert time.monotonic() - closed <= a.ttl + 0.1
+        withheld = a.withheld
+        a.publish(topic, {"kind": "turn"})
+        assert a.withheld == withheld + 1
+        assert topic not in a._remote, "expired interest is forgotten"
+
+
+async def test_cluster_hub_resyncs_a_new_subscription_for_what_was_not_sent_before_its_announcement() -> None:
+    topic = "conversation:myapp:c-1"
+    async with local_nodes("interest-race", settle=0.2) as (a, b, _):
+        await past_warm_up(a, b)
+        page = b.subscribe([topic])
+        a.publish(topic, {"kind": "turn"})  # before b's announcement arrived: not sent
+        assert a.withheld == 1
+        started = time.monotonic()
+        got = await page.next(1)
+        assert got is not None and got.kind == RESYNC
+        assert time.monotonic() - started >= 0.15, "once the announcement had time to arrive"
+        # a subscription that ended before then gets nothing (and nothing fails)
+        gone = b.subscribe(["inbox"])
+        gone.close()
+        await asyncio.sleep(0.3)
+        assert await gone.next(0.01) is None and not b._timers
+        assert await page.next(0.05) is None, "one resync"
+
+
+async def test_cluster_hub_learns_the_interest_of_nodes_that_were_there_before_it() -> None:
+    topic = "conversation:myapp:c-1"
+    async with local_nodes("interest-ask", refresh=30) as (a, b, _):  # no periodic re-announcement
+        b_page = b.subscribe([topic])
+        await until(lambda: topic in a.wanted_remotely())
+        late_bus = LocalBus("interest-ask")
+        await late_bus.start()
+        late = ClusterHub(LocalHub(), late_bus, **(FAST | {"settle": 0.3}))
+        await until(lambda: topic in late.wanted_remotely(), within=1)  # asked, and b answered
+        # while the answers come, everything is sent; after, only what is wanted
+        late.publish(topic, {"kind": "turn"})
+        late.publish("conversation:myapp:c-2", {"kind": "turn"})
+        assert (late.sent, late.withheld) == (2, 0)
+        await past_warm_up(late)
+        late.publish("conversation:myapp:c-2", {"kind": "turn"})
+        assert (late.sent, late.withheld) == (2, 1)
+        # a reconnect: interest announced again, asked again, then a resync for every open page
+        await asyncio.sleep(0.1)
+        while await b_page.next(0.01) is not None:
+            pass
+        announced = b.announced
+        b._on_reconnect()
+        assert b.announced == announced + 2  # the ask, then b's topics
+        got = await b_page.next(1)
+        assert got is not None and got.kind == RESYNC
+        late.close()
+        await asyncio.sleep(0.02)
+        await late_bus.close()
+
+
+def test_cluster_hub_splits_a_long_topic_list_over_signals() -> None:
+    hub = ClusterHub(LocalHub(), LocalBus("interest-split"), **FAST)
+    topics = [f"conversation:myapp:ç-{i:05d}" for i in range(2000)]
+    signals = list(hub._announcements([*topics, "x" * MAX_PAYLOAD]))  # too long a topic is left out
+    assert len(signals) > 1 and all(len(s.encode()) <= MAX_PAYLOAD for s in signals)
+    assert [t for s in signals for t in json.loads(s)["w"]] == topics
+    hub.close()
+
+
+@pytest.mark.postgres
+async def test_cluster_hub_on_postgres_sends_only_what_another_node_wants(
+    pg_schema: Callable[[], str], pg_buses: Callable[[str], Awaitable[PostgresBus]]
+) -> None:
+    url = pg_schema()
+    bus1, bus2 = await pg_buses(url), await pg_buses(url)
+    options = {"ttl": 2.0, "refresh": 0.5, "settle": 0.2}
+    # as the app does: the hubs subscribe to the bus before it starts
+    hub1, hub2 = ClusterHub(LocalHub(), bus1, **options), ClusterHub(LocalHub(), bus2, **options)
+    await bus1.start()
+    await bus2.start()
+    topic = "conversation:myapp:c-1"
+    hub1.publish("inbox", {"kind": "turn"})  # its first use on a connected bus: asks the others
+    page = hub2.subscribe([topic])
+    await until(lambda: topic in hub1.wanted_remotely())
+    await past_warm_up(hub1)
+    sent = hub1.sent
+    hub1.publish(topic, {"kind": "turn", "n": 1})
+    hub1.publish("conversation:myapp:c-2", {"kind": "turn", "n": 2})
+    assert hub1.sent == sent + 1
+    events = [await page.next(2), await page.next(2)]
+    assert {e.kind for e in events if e is not None} == {RESYNC, "turn"}
+    assert [e.data for e in events if e is not None and e.kind == "turn"] == [{"kind": "turn", "n": 1}]
+    assert await page.next(0.3) is None
+    page.close()
+    await until(lambda: topic not in hub1.wanted_remotely(), within=4)
+    hub1.close()
+    hub2.close()
+    await asyncio.sleep(0.1)
 
 
 # -- hot reload on every node -----------------------------------------------------------------------
