@@ -15,10 +15,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import loadgen, procs, report
+from bench import cluster, loadgen, memory, procs, report
 from bench.loadgen import LoadSpec
-from bench.scenarios import HEADLINE, SCENARIOS, BenchError, Options, Skipped, find_switchboard, with_workdir
+from bench.scenarios import HEADLINE, BenchError, Options, Scenario, Skipped, find_switchboard, with_workdir
+from bench.scenarios import SCENARIOS as SINGLE_NODE
 from bench.stores import PG_ADMIN, STORES, StoreSpec
+
+#: every scenario by name: one node's (bench/scenarios.py), two nodes against one (bench/cluster.py),
+#: memory per conversation (bench/memory.py)
+SCENARIOS: dict[str, Scenario] = {**SINGLE_NODE, "nodes": cluster.measure, "memory": memory.measure}
 
 #: more figures the progress line shows, beside the headline
 BRIEF = {

@@ -324,28 +324,14 @@ def engine(opts: Options) -> Metrics:
     return measure(opts.warmup, opts.seconds)
 
 
-def nodes(opts: Options) -> Metrics:
-    """One node, then two, on one PostgreSQL database under the same wrk load: replies/s and CPU by process."""
-    from bench.cluster import measure
-
-    return measure(opts)
-
-
-def memory(opts: Options) -> Metrics:
-    """Store bytes and the service's RSS per conversation, over `memory_conversations` new conversations."""
-    from bench.memory import measure
-
-    return measure(opts)
-
-
 Scenario = Callable[[Options], Metrics]
+#: the scenarios of this module; `nodes` (bench/cluster.py) and `memory` (bench/memory.py) build on its
+#: helpers and join them in bench/__main__.py
 SCENARIOS: dict[str, Scenario] = {
     "bare": bare,
     "ingest": ingest,
     "roundtrip": roundtrip,
     "engine": engine,
-    "nodes": nodes,
-    "memory": memory,
 }
 #: the figure each scenario is judged by; its ratio is taken to bare's req_s of the same repeat
 #: (`memory` has none: bytes per conversation are not a rate)
@@ -363,4 +349,4 @@ def with_workdir(opts: Options, workdir: Path) -> Options:
     return replace(opts, workdir=workdir)
 
 
-__all__ = ["HEADLINE", "SCENARIOS", "BenchError", "Metrics", "Options", "Skipped", "find_switchboard"]
+__all__ = ["HEADLINE", "SCENARIOS", "BenchError", "Metrics", "Options", "Scenario", "Skipped", "find_switchboard"]

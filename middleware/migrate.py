@@ -36,6 +36,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, create_engine, event, inspect, text
 from sqlalchemy.pool import NullPool
 
+from middleware.dburl import normalise
+
 log = logging.getLogger("switchboard.migrate")
 # alembic says "Context impl ..." and "Will assume ..." at INFO on every start: our own line says what changed
 logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -198,9 +200,7 @@ def prepare(conn: Connection, policy: Policy) -> SchemaState:
 @contextlib.contextmanager
 def transaction(url: str) -> Iterator[Connection]:
     """One transaction on a connection of its own (not the store's pool), committed at the end."""
-    from middleware.store import _normalise
-
-    url = _normalise(url)
+    url = normalise(url)
     if url.startswith("sqlite"):
         path = url.split("///", 1)[1] if "///" in url else ""
         if path and not path.startswith(":memory:"):
@@ -230,9 +230,7 @@ def sqlite_missing(url: str) -> bool:
 def offline_sql(url: str, target: str = "head", start: str | None = None) -> str:
     """The SQL of the migrations from `start` (default: nothing) to `target`, for the URL's dialect,
     without a connection: for a DBA who runs it by hand."""
-    from middleware.store import _normalise
-
-    cfg = alembic_config(url=_normalise(url))
+    cfg = alembic_config(url=normalise(url))
     order = _order()
     goal = order[-1] if target == "head" else target
     command.upgrade(cfg, f"{start}:{goal}" if start else goal, sql=True)

@@ -50,6 +50,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlmodel import Field, SQLModel
 
 from middleware import migrate as migrations
+from middleware.dburl import normalise
 from middleware.hotsql import HotSQL, execute
 from middleware.migrate import Policy
 from middleware.model import ConversationState, Inbound, Outgoing, Sender, Timer, Transition
@@ -261,7 +262,7 @@ class Store:
     """Async access to the tables; every call is one operation of a group-committed transaction."""
 
     def __init__(self, url: str, *, batch_max: int = 512, durability: str = "full") -> None:
-        self.url = _normalise(url)
+        self.url = normalise(url)
         self.dialect = "postgresql" if self.url.startswith("postgresql") else "sqlite"
         self.batch_max = batch_max
         self.engine = _make_engine(self.url, durability)
@@ -1233,13 +1234,6 @@ def _translate(exc: BaseException) -> BaseException:
         _UNAVAILABLE.warning(f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}")
         return StoreUnavailable(str(exc).splitlines()[0][:200])
     return exc
-
-
-def _normalise(url: str) -> str:
-    for prefix in ("postgresql://", "postgres://"):
-        if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix) :]
-    return url
 
 
 def _make_engine(url: str, durability: str) -> Engine:

@@ -20,8 +20,9 @@ from sqlalchemy.pool import NullPool
 from sqlmodel import SQLModel
 
 from middleware import migrate
+from middleware.dburl import normalise
 from middleware.model import Inbound, Sender
-from middleware.store import Store, _normalise
+from middleware.store import Store
 from tests.conftest import REPO
 
 DATA = Path(__file__).parent / "data" / "migrations"
@@ -34,7 +35,7 @@ pytestmark = pytest.mark.slow
 
 
 def engine(url: str) -> Engine:
-    return create_engine(_normalise(url), poolclass=NullPool)
+    return create_engine(normalise(url), poolclass=NullPool)
 
 
 def dialect(url: str) -> str:
