@@ -165,6 +165,7 @@ def create_app(settings: Settings, *, http: httpx.AsyncClient | None = None) -> 
             await dispatcher.close(settings.dispatch.shutdown_seconds)
             await scheduler.stop()
             await turns.close()
+            await ingress.close()
             for platform in platforms.values():
                 await platform.aclose()
             hub.close()

@@ -100,7 +100,8 @@ class ClusterHub:
         self.local.publish(topic, data)
         if self.local.closed or self.bus.alone:  # no other node to tell
             return
-        self._kick()
+        if not self._started:
+            self._kick()
         if not self._wanted(topic):
             self.withheld += 1
             return

@@ -137,6 +137,15 @@ class Ingress:
             chunks.append(chunk)
         return b"".join(chunks)
 
+    async def close(self) -> None:
+        """At shutdown: give the platforms' follow-ups in flight a moment to finish (a join a
+        webhook asked for), then cut them off; the platform repeats an invite that was not acted on."""
+        if self._follow_ups:
+            _, pending = await asyncio.wait(list(self._follow_ups), timeout=2)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
     def _unavailable(self, why: str) -> Response:
         return JSONResponse(
             {"error": f"temporarily unavailable: {why}; retry later"},
