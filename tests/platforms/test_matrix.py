@@ -21,7 +21,7 @@ from middleware.model import Attachment, Button, Inbound, Outgoing, Reply
 from middleware.platforms import DeliveryError, Rejected, WebhookRequest
 from middleware.platforms.base import FollowUp
 from middleware.platforms.matrix import MatrixConfig, MatrixPlatform
-from middleware.settings import settings_from_text
+from middleware.settings import Settings, settings_from_text
 from tests.conftest import Server, running
 from tests.platforms.contract import Case, ContractSuite, FakeApi
 
@@ -525,26 +525,31 @@ class FakeHomeserver:
         return JSONResponse({})
 
 
+def switchboard_settings(tmp_path: Path, flows: Path, homeserver_url: str) -> Settings:
+    """Switchboard on SQLite with the one Matrix platform, pointed at the fake homeserver."""
+    return settings_from_text(
+        textwrap.dedent(
+            f"""\
+            store:
+              url: "sqlite:///{tmp_path}/sb.db"
+            flows: {flows}
+            platforms:
+              matrix:
+                type: matrix
+                homeserver_url: {homeserver_url}
+                as_token: {AS_TOKEN}
+                hs_token: {HS_TOKEN}
+                bot_user_id: "{BOT}"
+            """
+        ),
+        "<test config>",
+    )
+
+
 async def test_transactions_replayed_and_renumbered_through_switchboard(tmp_path: Path, echo_flows: Path) -> None:
     homeserver = FakeHomeserver()
     async with Server(homeserver.app()) as hs_server:
-        settings = settings_from_text(
-            textwrap.dedent(
-                f"""\
-                store:
-                  url: "sqlite:///{tmp_path}/sb.db"
-                flows: {echo_flows}
-                platforms:
-                  matrix:
-                    type: matrix
-                    homeserver_url: {hs_server.url}
-                    as_token: {AS_TOKEN}
-                    hs_token: {HS_TOKEN}
-                    bot_user_id: "{BOT}"
-                """
-            ),
-            "<test config>",
-        )
+        settings = switchboard_settings(tmp_path, echo_flows, hs_server.url)
         async with running(settings) as (server, _), httpx.AsyncClient(timeout=10) as client:
             base = f"{server.url}/webhooks/matrix/_matrix/app/v1/transactions"
             headers = {"authorization": f"Bearer {HS_TOKEN}"}
@@ -584,23 +589,7 @@ async def test_invited_the_bot_joins_after_the_transaction_is_acknowledged(tmp_p
     # the homeserver is busy once: the join is tried again after its retry_after_ms
     homeserver.join_failures.append(JSONResponse({"errcode": "M_LIMIT_EXCEEDED", "retry_after_ms": 50}, 429))
     async with Server(homeserver.app()) as hs_server:
-        settings = settings_from_text(
-            textwrap.dedent(
-                f"""\
-                store:
-                  url: "sqlite:///{tmp_path}/sb.db"
-                flows: {echo_flows}
-                platforms:
-                  matrix:
-                    type: matrix
-                    homeserver_url: {hs_server.url}
-                    as_token: {AS_TOKEN}
-                    hs_token: {HS_TOKEN}
-                    bot_user_id: "{BOT}"
-                """
-            ),
-            "<test config>",
-        )
+        settings = switchboard_settings(tmp_path, echo_flows, hs_server.url)
         async with running(settings) as (server, _), httpx.AsyncClient(timeout=10) as client:
             invite = recorded("synapse-01-invite.json")
             url = f"{server.url}/webhooks/matrix/{invite.path}"
