@@ -32,10 +32,10 @@ from tests.fakes.platform import FakePlatform
 from tests.faults.cluster import (
     Node,
     Sender,
+    add_nodes,
     check_exactly_once_in_order,
     msg,
     no_tracebacks,
-    node_config,
     start_nodes,
     write_flows,
 )
@@ -84,16 +84,15 @@ async def test_sigterm_under_load_drains_hands_over_and_exits_in_time(
     fake = FakePlatform()
     async with Server(fake.app()) as server:
         flows = write_flows(tmp_path, wait="300ms")
-        for name in ("n1", "n2"):
-            config = node_config(
-                tmp_path,
-                name,
-                pg_store,
-                server.url,
-                flows,
-                dispatch=f"lease_seconds: 30, sweep_seconds: 30, shutdown_seconds: {SHUTDOWN_SECONDS}",
-            )
-            nodes.append(Node(name, config, tmp_path))
+        add_nodes(
+            nodes,
+            tmp_path,
+            ("n1", "n2"),
+            pg_store,
+            server.url,
+            flows,
+            dispatch=f"lease_seconds: 30, sweep_seconds: 30, shutdown_seconds: {SHUTDOWN_SECONDS}",
+        )
         await start_nodes(nodes)
         n1, n2 = nodes
         sender = Sender(http, [n1.url, n2.url], rng=random.Random(6))
@@ -192,16 +191,15 @@ async def test_a_turn_longer_than_the_shutdown_bound_is_cut_and_redone_by_the_ot
     fake = FakePlatform()
     async with Server(fake.app()) as server:
         flows = write_flows(tmp_path, wait="5s")
-        for name in ("n1", "n2"):
-            config = node_config(
-                tmp_path,
-                name,
-                pg_store,
-                server.url,
-                flows,
-                dispatch="lease_seconds: 30, sweep_seconds: 30, shutdown_seconds: 2",
-            )
-            nodes.append(Node(name, config, tmp_path))
+        add_nodes(
+            nodes,
+            tmp_path,
+            ("n1", "n2"),
+            pg_store,
+            server.url,
+            flows,
+            dispatch="lease_seconds: 30, sweep_seconds: 30, shutdown_seconds: 2",
+        )
         await start_nodes(nodes)
         n1, _n2 = nodes
         sender = Sender(http, [n1.url])

@@ -214,6 +214,22 @@ class Node:
             p.close()
 
 
+def add_nodes(
+    nodes: list[Node],
+    root: Path,
+    names: Iterable[str],
+    store_url: str,
+    platform_url: str,
+    flows: Path,
+    *,
+    extra: str = "",
+    dispatch: str = "",
+) -> None:
+    """A config (`node_config`) and a `Node` for each name, appended to `nodes` (the fixture stops them)."""
+    for name in names:
+        nodes.append(Node(name, node_config(root, name, store_url, platform_url, flows, extra, dispatch), root))
+
+
 async def start_nodes(nodes: Iterable[Node], within: float = 90) -> list[float]:
     nodes = list(nodes)
     for node in nodes:

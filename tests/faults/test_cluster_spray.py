@@ -25,11 +25,11 @@ from tests.faults.cluster import (
     Node,
     PrivatePostgres,
     Sender,
+    add_nodes,
     check_exactly_once_in_order,
     metric,
     msg,
     no_tracebacks,
-    node_config,
     percentile,
     start_nodes,
     write_flows,
@@ -54,11 +54,15 @@ async def test_three_nodes_sprayed_with_duplicates_answer_each_message_once_in_o
     server, fake = platform
     store = pg.new_store()
     flows = write_flows(tmp_path, wait="30ms")
-    for name in ("n1", "n2", "n3"):
-        config = node_config(
-            tmp_path, name, store, server.url, flows, dispatch=f"lease_seconds: 10, sweep_seconds: {SWEEP_SECONDS}"
-        )
-        nodes.append(Node(name, config, tmp_path))
+    add_nodes(
+        nodes,
+        tmp_path,
+        ("n1", "n2", "n3"),
+        store,
+        server.url,
+        flows,
+        dispatch=f"lease_seconds: 10, sweep_seconds: {SWEEP_SECONDS}",
+    )
     ready = await start_nodes(nodes)
     sender = Sender(http, [n.url for n in nodes], rng=random.Random(11))
     rng = random.Random(5)

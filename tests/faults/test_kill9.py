@@ -26,10 +26,10 @@ from tests.faults.cluster import (
     Node,
     PrivatePostgres,
     Sender,
+    add_nodes,
     check_exactly_once_in_order,
     msg,
     no_tracebacks,
-    node_config,
     start_nodes,
     write_flows,
 )
@@ -54,11 +54,15 @@ async def test_kill_9_of_a_node_mid_turn_its_conversations_continue_elsewhere(
     server, fake = platform
     store = pg.new_store()
     flows = write_flows(tmp_path, wait="250ms")
-    for name in ("n1", "n2", "n3"):
-        config = node_config(
-            tmp_path, name, store, server.url, flows, dispatch=f"lease_seconds: {LEASE_SECONDS}, sweep_seconds: 0.5"
-        )
-        nodes.append(Node(name, config, tmp_path))
+    add_nodes(
+        nodes,
+        tmp_path,
+        ("n1", "n2", "n3"),
+        store,
+        server.url,
+        flows,
+        dispatch=f"lease_seconds: {LEASE_SECONDS}, sweep_seconds: 0.5",
+    )
     await start_nodes(nodes)
     sender = Sender(http, [n.url for n in nodes], rng=random.Random(3))
     rng = random.Random(9)

@@ -26,9 +26,9 @@ from tests.faults.cluster import (
     Node,
     PrivatePostgres,
     Sender,
+    add_nodes,
     check_exactly_once_in_order,
     msg,
-    node_config,
     start_nodes,
     write_flows,
 )
@@ -50,17 +50,16 @@ async def test_postgres_restart_under_load_503s_then_recovers_losing_nothing(
     server, fake = platform
     store = pg.new_store()
     flows = write_flows(tmp_path, wait="100ms")
-    for name in ("n1", "n2"):
-        config = node_config(
-            tmp_path,
-            name,
-            store,
-            server.url,
-            flows,
-            extra="outbox: {backoff_base: 0.1, backoff_max: 1}\n",
-            dispatch="lease_seconds: 5, sweep_seconds: 10, retry_after_seconds: 1",
-        )
-        nodes.append(Node(name, config, tmp_path))
+    add_nodes(
+        nodes,
+        tmp_path,
+        ("n1", "n2"),
+        store,
+        server.url,
+        flows,
+        extra="outbox: {backoff_base: 0.1, backoff_max: 1}\n",
+        dispatch="lease_seconds: 5, sweep_seconds: 10, retry_after_seconds: 1",
+    )
     await start_nodes(nodes)
     sender = Sender(http, [n.url for n in nodes], rng=random.Random(2), retry_cap=0.5)
     rng = random.Random(4)

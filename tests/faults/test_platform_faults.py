@@ -24,11 +24,11 @@ from tests.faults.cluster import (
     Node,
     PrivatePostgres,
     Sender,
+    add_nodes,
     check_exactly_once_in_order,
     metric,
     msg,
     no_tracebacks,
-    node_config,
     start_nodes,
     write_flows,
 )
@@ -70,17 +70,16 @@ async def test_platform_down_slow_and_429_then_the_outbox_drains_in_order(
     async with Server(fake.app()) as server:
         store = pg.new_store()
         flows = write_flows(tmp_path, wait="20ms")
-        for name in ("n1", "n2"):
-            config = node_config(
-                tmp_path,
-                name,
-                store,
-                server.url,
-                flows,
-                extra="outbox: {backoff_base: 0.2, backoff_max: 1.5, max_attempts: 60, timeout: 5}\n",
-                dispatch="lease_seconds: 6, sweep_seconds: 1",
-            )
-            nodes.append(Node(name, config, tmp_path))
+        add_nodes(
+            nodes,
+            tmp_path,
+            ("n1", "n2"),
+            store,
+            server.url,
+            flows,
+            extra="outbox: {backoff_base: 0.2, backoff_max: 1.5, max_attempts: 60, timeout: 5}\n",
+            dispatch="lease_seconds: 6, sweep_seconds: 1",
+        )
         await start_nodes(nodes)
         sender = Sender(http, [n.url for n in nodes], rng=random.Random(8))
         rng = random.Random(1)

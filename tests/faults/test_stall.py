@@ -23,7 +23,7 @@ from starlette.responses import Response
 
 from tests.conftest import Server
 from tests.fakes.platform import FakePlatform
-from tests.faults.cluster import Node, PrivatePostgres, Sender, msg, node_config, start_nodes, write_flows
+from tests.faults.cluster import Node, PrivatePostgres, Sender, add_nodes, msg, start_nodes, write_flows
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -53,17 +53,16 @@ async def test_a_node_stalled_past_its_lease_sends_nothing_when_it_wakes(
     async with Server(fake.app()) as server:
         store = pg.new_store()
         flows = write_flows(tmp_path, text=THREE_REPLIES)
-        for name in ("n1", "n2"):
-            config = node_config(
-                tmp_path,
-                name,
-                store,
-                server.url,
-                flows,
-                extra="outbox: {timeout: 10}\n",
-                dispatch=f"lease_seconds: {LEASE_SECONDS}, sweep_seconds: 0.5",
-            )
-            nodes.append(Node(name, config, tmp_path))
+        add_nodes(
+            nodes,
+            tmp_path,
+            ("n1", "n2"),
+            store,
+            server.url,
+            flows,
+            extra="outbox: {timeout: 10}\n",
+            dispatch=f"lease_seconds: {LEASE_SECONDS}, sweep_seconds: 0.5",
+        )
         await start_nodes(nodes)
         n1, _n2 = nodes
         sender = Sender(http, [n1.url])
