@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from middleware.helpdesk import HelpdeskWebhook
 from middleware.logs import redact
 from middleware.metrics import Metrics
-from middleware.platforms.base import DeliveryError, Platform
+from middleware.platforms.base import DeliveryError, Platform, deliver
 from middleware.ratelimit import RateLimiter
 from middleware.settings import OutboxSettings
 from middleware.store import LeaseLost, OutboxItem, Store
@@ -99,7 +99,7 @@ class Outbox:
                         raise DeliveryError("no handoff.webhook_url configured for the helpdesk", retryable=False)
                     await self.helpdesk.send(item.conversation_key, item.item, item.idempotency_key)
                 else:
-                    await _deliver(platform, item)
+                    await deliver(platform, item.item, item.idempotency_key)
         except TimeoutError:
             if not cut.expired():
                 raise
@@ -151,18 +151,3 @@ class Outbox:
             return min(retry_after, self.settings.retry_after_max)
         ceiling = min(self.settings.backoff_max, self.settings.backoff_base * 2 ** (attempts - 1))
         return random.uniform(ceiling / 2, ceiling)
-
-
-async def _deliver(platform: Platform, item: OutboxItem) -> None:
-    """`platform.deliver`, with any error that is not a DeliveryError (a bug in an adapter, an
-    unexpected answer) counted as a failed attempt: retried, then dead-lettered, never a crash loop."""
-    try:
-        await platform.deliver(item.item, item.idempotency_key)
-    except (DeliveryError, TimeoutError, asyncio.CancelledError):
-        raise
-    except Exception as exc:
-        log.exception(
-            "platform adapter failed unexpectedly",
-            extra={"platform": item.platform, "conversation": item.conversation_key, "outbox_id": item.id},
-        )
-        raise DeliveryError(f"{type(exc).__name__}: {exc}", retryable=True) from exc

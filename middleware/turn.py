@@ -28,7 +28,7 @@ from middleware.model import (
     SetVariable,
     TurnResult,
 )
-from middleware.platforms.base import DeliveryError, Platform
+from middleware.platforms.base import DeliveryError, Platform, deliver
 from middleware.settings import Settings
 from middleware.store import Lease, OutboxItem, PendingMessage, Store, idempotency_key
 
@@ -63,7 +63,8 @@ class Typing:
         while not self._stop.is_set():
             n += 1
             try:
-                await self.platform.deliver(
+                await deliver(
+                    self.platform,
                     Outgoing("typing", self.conversation_id, typing=True, message_id=self.message_id),
                     f"{self.key_prefix}-on-{n}",
                 )
@@ -263,7 +264,7 @@ class TurnRunner:
         """Best-effort platform call outside the outbox (read receipts, a typing-off after a failed turn)."""
         for attempt in range(3):
             try:
-                await platform.deliver(item, key)
+                await deliver(platform, item, key)
                 self.metrics.deliveries.labels(platform.name, item.kind, "sent").inc()
                 return
             except DeliveryError as exc:

@@ -174,6 +174,23 @@ class Platform(ABC):
         return
 
 
+async def deliver(platform: Platform, item: Outgoing, idempotency_key: str) -> None:
+    """`platform.deliver` as its callers (the outbox, typing, read receipts) use it: any error that is
+    not a `DeliveryError` (a bug in an adapter, an answer it did not expect) is logged once with its
+    traceback and raised as a retryable `DeliveryError`, so it counts as a failed attempt (retried,
+    then dead-lettered) instead of crashing the worker that made the call."""
+    try:
+        await platform.deliver(item, idempotency_key)
+    except (DeliveryError, TimeoutError, asyncio.CancelledError):
+        raise
+    except Exception as exc:
+        _log.exception(
+            "platform adapter failed unexpectedly",
+            extra={"platform": platform.name, "conversation": item.conversation_id, "kind": item.kind},
+        )
+        raise DeliveryError(f"{type(exc).__name__}: {exc}", retryable=True) from exc
+
+
 #: tries of a follow-up whose failure is retryable, and the first pause between them (doubling)
 FOLLOW_UP_ATTEMPTS = 4
 FOLLOW_UP_BACKOFF = 1.0
