@@ -25,6 +25,7 @@ from middleware.engine import Engine, Known, Resources, load_flows
 from middleware.flood import SenderLimiter
 from middleware.handoff import HandoffMachine
 from middleware.helpdesk import HelpdeskWebhook
+from middleware.http1 import Http1Pool, SwitchboardClient
 from middleware.hub import LocalHub
 from middleware.hub_cluster import ClusterHub
 from middleware.ingress import Ingress
@@ -46,10 +47,11 @@ log = logging.getLogger("switchboard")
 
 
 def make_http_client(settings: Settings) -> httpx.AsyncClient:
-    """The one HTTP client for platforms and connectors: httpx's API over aiohttp's pool.
+    """The one HTTP client for platforms and connectors: httpx's API over aiohttp's pool, and a lean
+    HTTP/1.1 pool for the platform POSTs every reply makes (middleware/http1.py).
 
-    httpx's own pool spends most of its time in pool bookkeeping under concurrency
-    (bench/README.md, "Transport"); aiohttp's connector does not.
+    httpx's own pool spends most of its time in pool bookkeeping under concurrency, and httpx's
+    request and response models cost more than the rest of a turn (bench/README.md, "Transport").
     """
     from httpx_aiohttp import AiohttpTransport
 
@@ -57,7 +59,8 @@ def make_http_client(settings: Settings) -> httpx.AsyncClient:
         max_connections=settings.outbox.max_connections, max_keepalive_connections=settings.outbox.max_connections
     )
     transport = AiohttpTransport(limits=limits)
-    return httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(settings.outbox.timeout))
+    fast = Http1Pool(settings.outbox.max_connections, settings.outbox.timeout)
+    return SwitchboardClient(fast=fast, transport=transport, timeout=httpx.Timeout(settings.outbox.timeout))
 
 
 def make_bus(store: Store) -> Bus:

@@ -35,11 +35,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import httpx
 from pydantic import BaseModel, ConfigDict
 
+from middleware.http1 import Http1Error, Http1Timeout, SwitchboardClient
 from middleware.model import Inbound, Outgoing
 from middleware.ratelimit import RateLimit
 
@@ -343,9 +344,22 @@ def retry_after_seconds(value: str | None) -> float | None:
         return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
+class HttpAnswer(Protocol):
+    """What the platform modules read of an answer: httpx.Response, or the lean pool's Answer."""
+
+    @property
+    def status_code(self) -> int: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    @property
+    def content(self) -> bytes: ...
+    @property
+    def text(self) -> str: ...
+
+
 async def post_json(
     http: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str] | None = None
-) -> httpx.Response:
+) -> HttpAnswer:
     """POST JSON and map every failure to a `DeliveryError` that says whether to retry.
 
     5xx, 408, timeouts and connection errors are retryable; 429 carries Retry-After;
@@ -358,18 +372,29 @@ def json_bytes(body: Any) -> bytes:
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-async def post_bytes(http: httpx.AsyncClient, url: str, raw: bytes, headers: dict[str, str]) -> httpx.Response:
-    try:
-        response = await http.post(url, content=raw, headers=headers)
-    except httpx.TimeoutException as exc:
-        raise DeliveryError(f"timeout: {type(exc).__name__}", retryable=True) from exc
-    except httpx.HTTPError as exc:
-        raise DeliveryError(f"connection: {type(exc).__name__}: {exc}", retryable=True) from exc
+async def post_bytes(http: httpx.AsyncClient, url: str, raw: bytes, headers: dict[str, str]) -> HttpAnswer:
+    """POST `raw`; on the lean pool when the client has one that takes the URL (middleware/http1.py)."""
+    fast = http.fast if isinstance(http, SwitchboardClient) else None
+    response: HttpAnswer
+    if fast is not None and fast.target(url) is not None:
+        try:
+            response = await fast.post(url, raw, headers)
+        except Http1Timeout as exc:
+            raise DeliveryError(f"timeout: {exc}", retryable=True) from exc
+        except Http1Error as exc:
+            raise DeliveryError(f"connection: {exc}", retryable=True) from exc
+    else:
+        try:
+            response = await http.post(url, content=raw, headers=headers)
+        except httpx.TimeoutException as exc:
+            raise DeliveryError(f"timeout: {type(exc).__name__}", retryable=True) from exc
+        except httpx.HTTPError as exc:
+            raise DeliveryError(f"connection: {type(exc).__name__}: {exc}", retryable=True) from exc
     check_status(response)
     return response
 
 
-def check_status(response: httpx.Response) -> None:
+def check_status(response: HttpAnswer) -> None:
     status = response.status_code
     if status < 300:
         return
@@ -391,7 +416,7 @@ def check_status(response: httpx.Response) -> None:
     raise DeliveryError(f"{status}: {detail}", retryable=False, status=status)
 
 
-def response_object(response: httpx.Response) -> dict[str, Any]:
+def response_object(response: HttpAnswer) -> dict[str, Any]:
     """A platform API's JSON answer as a dict; {} when it is empty, not JSON, or not an object."""
     try:
         data = json.loads(response.content) if response.content else {}

@@ -24,6 +24,7 @@ from middleware.model import (
 )
 from middleware.platforms.base import (
     DeliveryError,
+    HttpAnswer,
     Parsed,
     Platform,
     PlatformConfig,
@@ -358,7 +359,7 @@ class ChatwootPlatform(Platform):
             self.supports_typing = False
             log.warning("typing turned off: Chatwoot refused toggle_typing_status for the bot token: %s", exc)
 
-    async def _post(self, url: str, body: dict[str, Any], what: str) -> httpx.Response:
+    async def _post(self, url: str, body: dict[str, Any], what: str) -> HttpAnswer:
         try:
             return await post_json(self.http, url, body, self._headers)
         except DeliveryError as exc:
