@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -99,6 +100,17 @@ async def test_accept_single_and_batch_keep_unicode_text(store: Store) -> None:
     assert await store.accept([inbound(1, text=text)]) == [True]
     (pending,) = await store.pending_messages(key())
     assert pending.inbound.text == text
+
+
+async def test_payload_numbers_come_back_exact_past_64_bits(store: Store) -> None:
+    """A platform's payload may hold integers past 64 bits (stdlib JSON at the edge keeps them):
+    the store's fast JSON must neither refuse them nor read them back as floats."""
+    payload = {"big": 2**70, "negative": -(2**65), "id": 12345678901234567890, "ratio": 0.1, "digits": "9" * 25}
+    message = dataclasses.replace(inbound(1), payload=payload)
+    assert await store.accept([message]) == [True]
+    (pending,) = await store.pending_messages(key())
+    assert pending.inbound.payload == payload
+    assert all(type(pending.inbound.payload[k]) is type(v) for k, v in payload.items())
 
 
 async def test_group_commit_groups_concurrent_accepts(store: Store) -> None:

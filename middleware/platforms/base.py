@@ -38,6 +38,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar, Protocol
 
 import httpx
+import orjson
 from pydantic import BaseModel, ConfigDict
 
 from middleware.http1 import Http1Error, Http1Timeout, SwitchboardClient
@@ -369,7 +370,10 @@ async def post_json(
 
 
 def json_bytes(body: Any) -> bytes:
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    try:
+        return orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:  # what orjson refuses (an integer past 64 bits)
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 async def post_bytes(http: httpx.AsyncClient, url: str, raw: bytes, headers: dict[str, str]) -> HttpAnswer:
