@@ -113,6 +113,17 @@ class HotSQL:
             marks = ", ".join("?" * len(chunk))
             execute(conn, f"UPDATE inbox SET status = 'done', handled_at = ? WHERE id IN ({marks})", [now, *chunk])
 
+    def cancel_timers(self, conn: Connection, key: str, names: Sequence[str]) -> None:
+        """The conversation's pending timers of these names (a state left, a timer re-armed) cancelled."""
+        if self.postgres:
+            sql = "UPDATE timer SET status = 'cancelled' WHERE conversation_key = %s AND status = 'pending'"
+            execute(conn, sql + " AND name = ANY(%s)", [key, list(names)])
+            return
+        for chunk in _chunks(names, self.CHUNK):
+            marks = ", ".join("?" * len(chunk))
+            sql = "UPDATE timer SET status = 'cancelled' WHERE conversation_key = ? AND status = 'pending'"
+            execute(conn, f"{sql} AND name IN ({marks})", [key, *chunk])
+
     def _insert_many(self, table: str, columns: Sequence[str], n: int, conflict: str, returning: str) -> str:
         sql = self._many.get((table, n))
         if sql is None:
