@@ -14,8 +14,9 @@ import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import Message, Receive, Scope, Send
 
 from connectors import connector_class
 from connectors.rasa_actions import webhook as rasa_action_webhook
@@ -135,6 +136,7 @@ def create_app(settings: Settings, *, http: httpx.AsyncClient | None = None) -> 
             settings.server.max_body_bytes,
             settings.dispatch.retry_after_seconds,
             SenderLimiter(settings.ingress.sender_per_second, settings.ingress.sender_burst),
+            settings.dispatch.hold_seconds,
         )
         app.state.ingress = ingress
         await dispatcher.resync_backlog()
@@ -227,4 +229,43 @@ def create_app(settings: Settings, *, http: httpx.AsyncClient | None = None) -> 
         *admin.routes(),
         *ui_routes(settings),  # the playground at /, the agent inbox at /inbox, /static
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    return SwitchboardApp(routes=routes, lifespan=lifespan)
+
+
+class SwitchboardApp(Starlette):
+    """The app; a webhook POST goes straight to the ingress.
+
+    Webhooks are nearly all of the traffic, and Starlette's error and exception middleware, its
+    router (a regex per route, tried in order) and its per-route wrapper cost about as much as the
+    ingress's own work on a message. A POST to `/webhooks/{name}` skips them; what the ingress
+    returns is the same, and an error it raises is answered 500 and logged as the stack would.
+    Everything else (other methods, sub-paths, every other route) takes the normal way.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
+            path: str = scope["path"]
+            ingress: Ingress | None = getattr(self.state, "ingress", None)
+            if ingress is not None and path.startswith("/webhooks/") and path.count("/") == 2 and len(path) > 10:
+                scope["app"] = self
+                scope["path_params"] = {"name": path[10:]}
+                await _webhook_lane(ingress, scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
+async def _webhook_lane(ingress: Ingress, scope: Scope, receive: Receive, send: Send) -> None:
+    started = False
+
+    async def sending(message: Message) -> None:
+        nonlocal started
+        started = True
+        await send(message)
+
+    try:
+        response = await ingress(Request(scope, receive))
+        await response(scope, receive, sending)
+    except Exception:
+        log.exception("webhook failed", extra={"platform": scope["path_params"]["name"]})
+        if not started:
+            await PlainTextResponse("Internal Server Error", status_code=500)(scope, receive, send)

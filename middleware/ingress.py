@@ -2,7 +2,9 @@
 
 Nothing is acknowledged before it is in the store; a retried webhook gets 200 and no second
 turn; past the backlog limit, or with the store down, the platform gets 503 + Retry-After and
-keeps the message. A method the platform does not use is 405 and a sub-path it does not call
+keeps the message. Before that limit, past `dispatch.hold_backlog`, the answer waits (up to
+`dispatch.hold_seconds`) for the turns to catch up: a sender faster than the bots is slowed to
+their pace rather than refused. A method the platform does not use is 405 and a sub-path it does not call
 404, before the body is read; a body is bounded in size (413) and, as JSON, in depth (400,
 `platforms.base.loads_json`). A sender past its rate (middleware/flood.py) is still answered 200:
 its messages are stored as `flooded`, without a turn.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -25,6 +28,9 @@ from middleware.platforms.base import Platform, Rejected, WebhookRequest, id_pro
 from middleware.store import PendingMessage, Store, StoreUnavailable
 
 log = logging.getLogger("switchboard.ingress")
+
+
+_NO_QUERY: Mapping[str, str] = MappingProxyType({})
 
 
 class TooLarge(Exception):
@@ -41,6 +47,7 @@ class Ingress:
         max_body_bytes: int,
         retry_after: int,
         senders: SenderLimiter | None = None,
+        hold_seconds: float = 1.0,
     ) -> None:
         self.platforms = platforms
         self.store = store
@@ -49,6 +56,7 @@ class Ingress:
         self.max_body_bytes = max_body_bytes
         self.retry_after = str(retry_after)
         self.senders = senders or SenderLimiter(None, 1)
+        self.hold_seconds = hold_seconds
         #: platforms' follow-ups running in the background (platforms.base.run_follow_ups)
         self._follow_ups: set[asyncio.Task[None]] = set()
 
@@ -71,6 +79,10 @@ class Ingress:
             return JSONResponse({"error": f"no webhook at /webhooks/{name}/{rest[:80]}"}, status_code=404)
         if not self.dispatcher.accepting:
             return self._unavailable("shutting down")
+        if self.dispatcher.crowded:  # hold the answer while the turns catch up (dispatch.hold_backlog)
+            await self.dispatcher.room(self.hold_seconds)
+            if not self.dispatcher.accepting:
+                return self._unavailable("shutting down")
         if self.dispatcher.overloaded:
             return self._unavailable("backlog full")
         try:
@@ -78,7 +90,8 @@ class Ingress:
         except TooLarge:
             self.metrics.webhooks.labels(name, "rejected").inc()
             return JSONResponse({"error": f"body larger than {self.max_body_bytes} bytes"}, status_code=413)
-        webhook = WebhookRequest(request.method, body, request.headers, request.query_params, rest)
+        query = request.query_params if request.scope.get("query_string") else _NO_QUERY
+        webhook = WebhookRequest(request.method, body, request.headers, query, rest)
         try:
             parsed = platform.parse(webhook)
             check_messages(parsed.messages)
