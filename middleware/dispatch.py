@@ -83,6 +83,9 @@ class Dispatcher:
         self.owner = node.owner if node is not None else node_id
         self.bus = bus
         self.backlog = 0
+        #: set while the backlog is below `hold_backlog` (webhooks answered at once)
+        self._room = asyncio.Event()
+        self._room.set()
         self.accepting = True
         #: shutting down (or superseded): no new work starts here; leases go back as turns end
         self.draining = False
@@ -124,9 +127,28 @@ class Dispatcher:
     def overloaded(self) -> bool:
         return self.backlog >= self.settings.max_backlog
 
+    @property
+    def crowded(self) -> bool:
+        """The backlog is past `hold_backlog`: webhooks wait for `room` before they are answered."""
+        return not self._room.is_set()
+
+    async def room(self, within: float) -> None:
+        """Return when the backlog is below `hold_backlog`, or after `within` seconds."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await self._room.wait()
+
     def accepted(self, n: int) -> None:
         self.backlog += n
         self.metrics.backlog.set(self.backlog)
+        self._measure_room()
+
+    def _measure_room(self) -> None:
+        limit = self.settings.hold_backlog
+        if limit is None or self.backlog < limit:
+            self._room.set()
+        else:
+            self._room.clear()
 
     def notify(self, key: str, *, fresh: bool = True, hint: PendingMessage | None = None) -> None:
         """Work on this conversation now (or right after the turn running for it).
@@ -279,6 +301,7 @@ class Dispatcher:
                 self._recent.setdefault(key, collections.deque(maxlen=64)).extend(p.inbox_id for p in batch)
                 lease = dataclasses.replace(lease, state=state, messages=())
                 self.backlog = max(0, self.backlog - len(batch))
+                self._measure_room()
                 retry_at = await self.outbox.drain(key, platform, fence, added if outbox_clear else None)
                 outbox_clear = retry_at is None
                 if retry_at is not None:
@@ -529,6 +552,7 @@ class Dispatcher:
     async def resync_backlog(self) -> None:
         self.backlog = await self.store.pending_count()
         self.metrics.backlog.set(self.backlog)
+        self._measure_room()
 
     # -- shutdown ---------------------------------------------------------------------------
 

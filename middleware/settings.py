@@ -80,6 +80,11 @@ class DispatchSettings(_Section):
     max_concurrency: int = Field(default=64, ge=1)
     #: accepted messages not yet turned into replies; past it webhooks get 503 + Retry-After
     max_backlog: int = Field(default=10_000, ge=1)
+    #: past this many accepted messages waiting for their turns, a webhook's answer is held (up to
+    #: `hold_seconds`) until the backlog goes down: a sender faster than the turns is slowed to their
+    #: pace instead of piling up work that waits; null: answer at once until `max_backlog`
+    hold_backlog: int | None = Field(default=256, ge=1)
+    hold_seconds: float = Field(default=1.0, ge=0)
     retry_after_seconds: int = Field(default=5, ge=1)
     lease_seconds: float = Field(default=30.0, gt=1)
     sweep_seconds: float = Field(default=2.0, gt=0)
