@@ -119,7 +119,15 @@ class Proc:
     log: Path
 
     @classmethod
-    def start(cls, name: str, cmd: Sequence[str], core: int | None, log: Path, cwd: Path | None = None) -> Proc:
+    def start(
+        cls,
+        name: str,
+        cmd: Sequence[str],
+        core: int | None,
+        log: Path,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Proc:
         with log.open("wb") as out:
             popen = subprocess.Popen(
                 pinned(cmd, core),
@@ -127,6 +135,7 @@ class Proc:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 cwd=cwd,
+                env=None if env is None else {**os.environ, **env},
                 preexec_fn=die_with_parent,
             )
         if can_pin() and not shutil.which("taskset"):

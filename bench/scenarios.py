@@ -290,12 +290,23 @@ def probing(store: Scratch) -> Iterator[PgProbe | None]:
 
 
 def ingest(opts: Options) -> Metrics:
-    """Webhook req/s into the whole service (persist, dispatch, reply) with a 200 fake platform."""
-    fake, fake_base = start_fake(opts)
-    with running([fake]), scratch(opts.store, opts.workdir / "store") as store:
-        server, url = start_service(opts, fake_base, store)
+    """Webhook req/s through the ingest path alone (bench/ingest.py): verify, dedupe, durable
+    persist, 200; no turn runs behind the ack (`roundtrip`'s `ack_s` is the whole service's)."""
+    with scratch(opts.store, opts.workdir / "store-i") as store:
+        port = free_port()
+        folder = opts.workdir / f"ingest-{port}"
+        # the platform's post_message_url is never called: nothing is delivered here
+        config = write_service_files(folder, "http://127.0.0.1:9", store.url)
+        cmd = [
+            sys.executable, "-m", "uvicorn", "bench.ingest:app", "--app-dir", str(REPO),
+            "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", opts.log_level,
+            "--loop", "uvloop", "--http", "httptools",
+        ]  # fmt: skip
+        env = {"SWITCHBOARD_BENCH_CONFIG": str(config)}
+        server = Proc.start("ingest", cmd, SERVER_CORE, folder / "ingest.log", cwd=folder, env=env)
         with running([server]), probing(store) as probe:
-            return closed_loop(opts, server, url, probe)
+            server.wait_http(f"http://127.0.0.1:{port}/healthz", timeout=60)
+            return closed_loop(opts, server, f"http://127.0.0.1:{port}/webhooks/{PLATFORM}", probe)
 
 
 def roundtrip(opts: Options) -> Metrics:
