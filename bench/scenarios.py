@@ -99,8 +99,11 @@ def start_fake(opts: Options, core: int | None = LOAD_CORE) -> tuple[Proc, str]:
     return proc, base
 
 
-def write_service_files(folder: Path, fake_base: str, store_url: str, flood_control: bool = False) -> Path:
-    """The store's URL, the one-state echo flow and a generic platform pointing at the fake."""
+def write_service_files(
+    folder: Path, fake_base: str, store_url: str, flood_control: bool = False, extra: str = ""
+) -> Path:
+    """The store's URL, the one-state echo flow and a generic platform pointing at the fake;
+    `extra`: more top-level YAML."""
     flows = folder / "flows"
     flows.mkdir(parents=True)
     (flows / "bench.yaml").write_text(FLOW)
@@ -115,7 +118,7 @@ def write_service_files(folder: Path, fake_base: str, store_url: str, flood_cont
         + "platforms:\n"
         f"  {PLATFORM}:\n"
         "    type: generic\n"
-        f"    post_message_url: {json.dumps(fake_base + '/messages')}\n"
+        f"    post_message_url: {json.dumps(fake_base + '/messages')}\n" + extra
     )
     return config
 
@@ -295,8 +298,10 @@ def ingest(opts: Options) -> Metrics:
     with scratch(opts.store, opts.workdir / "store-i") as store:
         port = free_port()
         folder = opts.workdir / f"ingest-{port}"
-        # the platform's post_message_url is never called: nothing is delivered here
-        config = write_service_files(folder, "http://127.0.0.1:9", store.url)
+        # the platform's post_message_url is never called: nothing is delivered here; no turn takes
+        # messages off the backlog either, so its bound (still checked per webhook) is set out of reach
+        backlog = "dispatch:\n  max_backlog: 1000000000\n"
+        config = write_service_files(folder, "http://127.0.0.1:9", store.url, extra=backlog)
         cmd = [
             sys.executable, "-m", "uvicorn", "bench.ingest:app", "--app-dir", str(REPO),
             "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", opts.log_level,
