@@ -255,7 +255,7 @@ def loads_json(raw: bytes | str) -> Any:
     surrogate (no database stores one)."""
     body = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
     try:
-        data = json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
+        data = _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))  # = json.loads
     except UnicodeDecodeError as exc:
         raise Rejected(400, "body is not UTF-8") from exc
     except json.JSONDecodeError as exc:
@@ -292,6 +292,8 @@ def _finite_float(text: str) -> float:
     return value
 
 
+#: one decoder for every call (json.loads builds one per call when given hooks)
+_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
 _SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
