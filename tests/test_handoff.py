@@ -948,7 +948,9 @@ async def test_chatwoot_handoff_and_release_through_the_platform(tmp_path: Path)
             await wait_until(lambda: len(cw.of(42)) >= 8, 20, "the release and the resume question")
             # the release's own status webhook (pending after resolved) is no hand-back: ignored
             await wait_until(lambda: len(cw.answers) == 6, 20, "Chatwoot's pending webhook")
-            assert "pending without a human" in cw.answers[-1]["ignored"]
+            # (its answer may come before the legacy event's: the resume turn does not wait for that)
+            ignored = [a for a in cw.answers if "pending without a human" in a.get("ignored", "")]
+            assert len(ignored) == 1, cw.answers
             await admin.settled("cw:42")
             assert await contact(103, 42, "5") == {"accepted": 1, "duplicates": 0}
             await wait_until(lambda: len(cw.of(42)) >= 11, 20, "the bot's answer")
