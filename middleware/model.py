@@ -332,7 +332,8 @@ class ConversationState:
         )
 
     def copy(self) -> ConversationState:
-        """A deep copy (vars and handoff are JSON-like: dicts, lists and scalars)."""
+        """A copy that the turn may change freely (vars and handoff are JSON-like: dicts, lists and
+        scalars, copied deeply; the history's entries are shared, as nothing changes one in place)."""
         return ConversationState(
             flow=self.flow,
             state=self.state,
@@ -343,7 +344,7 @@ class ConversationState:
             counters=dict(self.counters),
             stack=[dict(frame) for frame in self.stack],
             entered=self.entered,
-            history=[list(h) for h in self.history],
+            history=list(self.history),  # its entries are never changed in place: appended, or cut off
             handoff=None if self.handoff is None else _copy_json(self.handoff),
             started=self.started,
         )
