@@ -286,7 +286,8 @@ class Store:
         self.engine = _make_engine(self.url, durability)
         self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
         self._hot = HotSQL(self.dialect)
-        self._queue: queue.SimpleQueue[tuple[Callable[[Connection], Any], asyncio.Future[Any]] | None] = (
+        #: (op, the future its caller awaits; None when nobody waits for it: `submit`)
+        self._queue: queue.SimpleQueue[tuple[Callable[[Connection], Any], asyncio.Future[Any] | None] | None] = (
             queue.SimpleQueue()
         )
         self._thread: threading.Thread | None = None
@@ -343,6 +344,15 @@ class Store:
         self._queue.put((op if key is None and not alone else _Keyed(op, key, alone), future))
         return await future
 
+    def submit(self, op: Callable[[Connection], Any]) -> None:
+        """Run `op(conn)` in the next group-committed transaction without waiting for it: for writes
+        nothing reads back at once (a later operation of this store runs after it). A failure is
+        logged; what the op would have recorded stays as it was (a sent mark not written means the
+        row is sent again, under the same Idempotency-Key)."""
+        if self._loop is None or self._thread is None:
+            raise StoreUnavailable("store is not started")
+        self._queue.put((op, None))
+
     def _now(self) -> ColumnElement[float]:
         """The time leases are compared with, read in the database: PostgreSQL's clock, so that the
         nodes' own clocks may drift apart without a node taking a live lease (SQLite runs one node)."""
@@ -371,8 +381,8 @@ class Store:
             if stop:
                 return
 
-    def _run_batch(self, batch: list[tuple[Callable[[Connection], Any], asyncio.Future[Any]]]) -> None:
-        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+    def _run_batch(self, batch: list[tuple[Callable[[Connection], Any], asyncio.Future[Any] | None]]) -> None:
+        results: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]] = []
         try:
             with self.engine.begin() as conn:
                 merged = _Accept.merged(conn, [op for op, _ in batch if isinstance(op, _Accept)])
@@ -389,6 +399,8 @@ class Store:
                 for op, fut in batch:
                     results.append((fut, *self._run_alone(op)))
         assert self._loop is not None
+        if all(fut is None for fut, _, err in results) and not any(err for _, _, err in results):
+            return  # nobody waits: no wake-up of the event loop
         with contextlib.suppress(RuntimeError):  # loop closed during shutdown
             self._loop.call_soon_threadsafe(_resolve, results)
 
@@ -699,6 +711,11 @@ class Store:
     async def mark_sent(self, outbox_id: int) -> None:
         sql, params = self._hot.mark_sent, {"id": outbox_id, "now": time.time()}
         await self.run(lambda conn: execute(conn, sql, params))
+
+    def mark_sent_soon(self, outbox_id: int) -> None:
+        """`mark_sent` without waiting for it (`submit`): the outbox goes on to the next row at once."""
+        sql, params = self._hot.mark_sent, {"id": outbox_id, "now": time.time()}
+        self.submit(lambda conn: execute(conn, sql, params))
 
     async def mark_retry(self, outbox_id: int, attempts: int, next_attempt_at: float, error: str) -> None:
         stmt = (
@@ -1199,8 +1216,8 @@ def _lock_key(op: Callable[[Connection], Any]) -> str:
 
 
 def _lock_order(
-    batch: list[tuple[Callable[[Connection], Any], asyncio.Future[Any]]],
-) -> list[list[tuple[Callable[[Connection], Any], asyncio.Future[Any]]]]:
+    batch: list[tuple[Callable[[Connection], Any], asyncio.Future[Any] | None]],
+) -> list[list[tuple[Callable[[Connection], Any], asyncio.Future[Any] | None]]]:
     """The batch as transactions: its ops sorted by the conversation they lock (stable: one
     conversation's ops keep their order; ops without a key, reads mostly, first), then each op
     that locks many conversations in a transaction of its own. Every node's batches then lock
@@ -1216,8 +1233,12 @@ def _is_conflict(exc: BaseException) -> bool:
     return getattr(getattr(exc, "orig", None), "sqlstate", None) in ("40P01", "40001")
 
 
-def _resolve(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+def _resolve(results: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]]) -> None:
     for fut, value, err in results:
+        if fut is None:  # submitted: nobody waits
+            if err is not None:
+                log.warning("store write not done (it is redone or resent later): %s", err)
+            continue
         if fut.done():
             continue
         if err is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -222,6 +223,35 @@ async def test_lease_lost_in_a_shared_batch_leaves_the_other_writes_alone(store:
     assert [i.item.reply.text for i in await store.due_outbox(key("c-2")) if i.item.reply] == ["kept"]
     assert await store.due_outbox(key("c-1")) == []
     assert [p.inbound.message_id for p in await store.pending_messages(key("c-1"))] == ["m-1"]
+
+
+async def test_a_mark_sent_nobody_waits_for_is_seen_by_the_next_operations(store: Store) -> None:
+    """`mark_sent_soon` returns at once; the store's next operations (a read, a release) run after it."""
+    lease = await claimed(store, "node-a")
+    await store.accept([inbound(1)])
+    await turn(store, lease, ["one", "two"])
+    first, second = await store.due_outbox(key())
+    store.mark_sent_soon(first.id)
+    assert [i.id for i in await store.due_outbox(key())] == [second.id]
+    store.mark_sent_soon(second.id)
+    assert await store.release(lease) is True
+
+
+async def test_a_failing_submitted_write_is_logged_and_leaves_the_others(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    def boom(conn: object) -> None:
+        raise RuntimeError("boom")
+
+    with caplog.at_level(logging.WARNING, logger="switchboard.store"):
+        store.submit(boom)
+        assert await asyncio.gather(*(store.accept([inbound(i)]) for i in range(5))) == [[True]] * 5
+        for _ in range(100):
+            if any("store write not done" in r.getMessage() for r in caplog.records):
+                break
+            await asyncio.sleep(0.01)
+    assert any("store write not done" in r.getMessage() and "boom" in r.getMessage() for r in caplog.records)
+    assert await store.pending_count() == 5
 
 
 async def test_release_refuses_while_work_is_pending(store: Store) -> None:
@@ -526,11 +556,12 @@ def test_state_copy_is_deep_and_round_trips() -> None:
     assert copied == state and copied.to_json() == state.to_json()
     copied.vars["user"]["tags"][1]["b"] = 9
     copied.vars["user"]["name"] = "Bo"
-    copied.history[0][1] = "changed"
+    copied.history.append(["user", "more"])  # the history list is the copy's own (its entries are
+    del copied.history[0]  # shared: nothing changes an entry in place, ConversationState.copy)
     copied.stack[0]["state"] = "u"
     copied.counters["miss"] = 5
     assert copied.handoff is not None
     copied.handoff["meta"]["tries"].append(2)
     assert state.vars == {"user": {"name": "Ana", "tags": ["a", {"b": 1}]}, "n": 2}
-    assert state.history[0] == ["user", "hi"] and state.stack == [{"flow": "g", "state": "t"}]
+    assert state.history == [["user", "hi"], ["bot", "hello"]] and state.stack == [{"flow": "g", "state": "t"}]
     assert state.counters == {"miss": 1} and state.handoff == {"queue": "support", "meta": {"tries": [1]}}
