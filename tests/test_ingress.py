@@ -464,100 +464,86 @@ async def test_body_at_the_limit_is_accepted(small: App, chunked: bool) -> None:
 # -- overload --------------------------------------------------------------------------------------
 
 
-async def test_backlog_full_is_503_with_retry_after_and_nothing_stored(tmp_path: Path, echo_flows: Path) -> None:
-    extra = """\
-        dispatch:
-          max_backlog: 2
-          retry_after_seconds: 7
-        """
+@contextlib.asynccontextmanager
+async def overload_service(
+    tmp_path: Path, echo_flows: Path, dispatch: str
+) -> AsyncIterator[tuple[str, Services, FakePlatform, httpx.AsyncClient]]:
+    """Switchboard on SQLite with the echo flows (a "slow" message's turn takes 1.6 s), a fake platform
+    and these `dispatch:` settings; yields the webhook URL, the services, the fake and a client."""
+    extra = "dispatch:\n" + textwrap.indent(textwrap.dedent(dispatch), "  ")
     async with fake_platform() as (platform_server, fake):
-        settings = generic_config(
-            f"sqlite:///{tmp_path}/sb.db", platform_server.url, echo_flows, textwrap.dedent(extra)
-        )
+        settings = generic_config(f"sqlite:///{tmp_path}/sb.db", platform_server.url, echo_flows, extra)
         async with running(settings) as (server, services), httpx.AsyncClient(timeout=30) as client:
-            url = f"{server.url}/webhooks/myapp"
-            for conv in ("slow-1", "slow-2"):
-                r = await client.post(url, json=message(conv, conversation=conv, text="slow down"))
-                assert r.status_code == 200, r.text
-            store = services.store
-            for body in (message("late", conversation="late"), [message("a1", "late-a"), message("a2", "late-b")]):
-                r = await client.post(url, json=body)
-                assert r.status_code == 503, r.text
-                assert r.headers["retry-after"] == "7"
-                assert "backlog" in r.json()["error"]
-            for conv in ("late", "late-a", "late-b"):
-                assert await store.conversation(f"myapp:{conv}") is None
-            assert await inbox_rows(services) == 2
-            stored = {
-                m["message_id"]
-                for c in ("slow-1", "slow-2")
-                for m in (await store.conversation(f"myapp:{c}") or {"messages": []})["messages"]
-            }
-            assert stored == {"m-slow-1", "m-slow-2"}
-            r = await client.get(f"{server.url}/healthz")
-            assert r.status_code == 200
-            # once the slow turns are done the backlog drains and the same message is taken
-            await fake.wait_for(lambda: len(fake.delivered()) == 2, timeout=15)
-            r = await client.post(url, json=message("late", conversation="late"))
-            assert r.status_code == 200 and r.json() == {"accepted": 1, "duplicates": 0}, r.text
-            await fake.wait_for(lambda: len(fake.delivered()) == 3, timeout=15)
-            assert sorted(c.body["text"] for c in fake.delivered()) == [
-                "echo hello late",
-                "slow slow down",
-                "slow slow down",
-            ]
+            yield f"{server.url}/webhooks/myapp", services, fake, client
+
+
+async def test_backlog_full_is_503_with_retry_after_and_nothing_stored(tmp_path: Path, echo_flows: Path) -> None:
+    dispatch = "max_backlog: 2\nretry_after_seconds: 7\n"
+    async with overload_service(tmp_path, echo_flows, dispatch) as (url, services, fake, client):
+        for conv in ("slow-1", "slow-2"):
+            r = await client.post(url, json=message(conv, conversation=conv, text="slow down"))
+            assert r.status_code == 200, r.text
+        store = services.store
+        for body in (message("late", conversation="late"), [message("a1", "late-a"), message("a2", "late-b")]):
+            r = await client.post(url, json=body)
+            assert r.status_code == 503, r.text
+            assert r.headers["retry-after"] == "7"
+            assert "backlog" in r.json()["error"]
+        for conv in ("late", "late-a", "late-b"):
+            assert await store.conversation(f"myapp:{conv}") is None
+        assert await inbox_rows(services) == 2
+        stored = {
+            m["message_id"]
+            for c in ("slow-1", "slow-2")
+            for m in (await store.conversation(f"myapp:{c}") or {"messages": []})["messages"]
+        }
+        assert stored == {"m-slow-1", "m-slow-2"}
+        r = await client.get(url.replace("/webhooks/myapp", "/healthz"))
+        assert r.status_code == 200
+        # once the slow turns are done the backlog drains and the same message is taken
+        await fake.wait_for(lambda: len(fake.delivered()) == 2, timeout=15)
+        r = await client.post(url, json=message("late", conversation="late"))
+        assert r.status_code == 200 and r.json() == {"accepted": 1, "duplicates": 0}, r.text
+        await fake.wait_for(lambda: len(fake.delivered()) == 3, timeout=15)
+        assert sorted(c.body["text"] for c in fake.delivered()) == [
+            "echo hello late",
+            "slow slow down",
+            "slow slow down",
+        ]
 
 
 async def test_past_hold_backlog_the_answer_waits_for_the_turns(tmp_path: Path, echo_flows: Path) -> None:
     """A sender faster than the turns is slowed to their pace: past `hold_backlog` the webhook's
     answer waits until a turn ends (or `hold_seconds`), then the message is taken as usual."""
-    extra = """\
-        dispatch:
-          hold_backlog: 2
-          hold_seconds: 10
-        """
-    async with fake_platform() as (platform_server, fake):
-        settings = generic_config(
-            f"sqlite:///{tmp_path}/sb.db", platform_server.url, echo_flows, textwrap.dedent(extra)
-        )
-        async with running(settings) as (server, services), httpx.AsyncClient(timeout=30) as client:
-            url = f"{server.url}/webhooks/myapp"
-            started = time.monotonic()
-            for conv in ("slow-1", "slow-2"):  # each turn waits 1.6 s (echo_flows)
-                r = await client.post(url, json=message(conv, conversation=conv, text="slow down"))
-                assert r.status_code == 200, r.text
-            assert time.monotonic() - started < 1.0  # under the mark: answered at once
-            assert services.dispatcher.crowded
-            r = await client.post(url, json=message("next", conversation="next"))
-            held = time.monotonic() - started
-            assert r.status_code == 200 and r.json() == {"accepted": 1, "duplicates": 0}, r.text
-            assert 1.2 < held < 8, held  # held until a slow turn ended, not until hold_seconds
-            await fake.wait_for(lambda: len(fake.delivered()) == 3, timeout=15)
-            assert not services.dispatcher.crowded
+    dispatch = "hold_backlog: 2\nhold_seconds: 10\n"
+    async with overload_service(tmp_path, echo_flows, dispatch) as (url, services, fake, client):
+        started = time.monotonic()
+        for conv in ("slow-1", "slow-2"):  # each turn waits 1.6 s (echo_flows)
+            r = await client.post(url, json=message(conv, conversation=conv, text="slow down"))
+            assert r.status_code == 200, r.text
+        assert time.monotonic() - started < 1.0  # under the mark: answered at once
+        assert services.dispatcher.crowded
+        r = await client.post(url, json=message("next", conversation="next"))
+        held = time.monotonic() - started
+        assert r.status_code == 200 and r.json() == {"accepted": 1, "duplicates": 0}, r.text
+        assert 1.2 < held < 8, held  # held until a slow turn ended, not until hold_seconds
+        await fake.wait_for(lambda: len(fake.delivered()) == 3, timeout=15)
+        assert not services.dispatcher.crowded
 
 
 async def test_hold_ends_after_hold_seconds_and_at_shutdown(tmp_path: Path, echo_flows: Path) -> None:
-    extra = """\
-        dispatch:
-          hold_backlog: 1
-          hold_seconds: 0.3
-        """
-    async with fake_platform() as (platform_server, _fake):
-        settings = generic_config(
-            f"sqlite:///{tmp_path}/sb.db", platform_server.url, echo_flows, textwrap.dedent(extra)
-        )
-        async with running(settings) as (server, services), httpx.AsyncClient(timeout=30) as client:
-            url = f"{server.url}/webhooks/myapp"
-            r = await client.post(url, json=message("s", conversation="slow", text="slow down"))
-            assert r.status_code == 200
-            started = time.monotonic()
-            r = await client.post(url, json=message("t", conversation="other"))
-            assert r.status_code == 200, r.text  # taken after hold_seconds: the backlog is under max_backlog
-            assert 0.25 < time.monotonic() - started < 1.2
-            held = asyncio.create_task(client.post(url, json=message("u", conversation="third")))
-            await asyncio.sleep(0.1)
-            drain = asyncio.create_task(services.dispatcher.drain(5))  # SIGTERM's first part
-            r = await held
-            assert r.status_code == 503 and "shutting down" in r.json()["error"], r.text
-            await drain
-            assert await services.store.conversation("myapp:third") is None
+    dispatch = "hold_backlog: 1\nhold_seconds: 0.3\n"
+    async with overload_service(tmp_path, echo_flows, dispatch) as (url, services, _fake, client):
+        r = await client.post(url, json=message("s", conversation="slow", text="slow down"))
+        assert r.status_code == 200
+        started = time.monotonic()
+        r = await client.post(url, json=message("t", conversation="other"))
+        assert r.status_code == 200, r.text  # taken after hold_seconds: the backlog is under max_backlog
+        assert 0.25 < time.monotonic() - started < 1.2
+        held = asyncio.create_task(client.post(url, json=message("u", conversation="third")))
+        await asyncio.sleep(0.1)
+        drain = asyncio.create_task(services.dispatcher.drain(5))  # SIGTERM's first part
+        r = await held
+        assert r.status_code == 503 and "shutting down" in r.json()["error"], r.text
+        await drain
+        assert await services.store.conversation("myapp:third") is None
