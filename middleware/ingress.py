@@ -18,7 +18,6 @@ from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
 import orjson
-from prometheus_client import Counter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
@@ -59,7 +58,6 @@ class Ingress:
         self.retry_after = str(retry_after)
         self.senders = senders or SenderLimiter(None, 1)
         self.hold_seconds = hold_seconds
-        self._counters: dict[tuple[str, str], Counter] = {}
         #: platforms' follow-ups running in the background (platforms.base.run_follow_ups)
         self._follow_ups: set[asyncio.Task[None]] = set()
 
@@ -126,7 +124,7 @@ class Ingress:
         duplicates = len(ids) - accepted - stored_flooded
         if accepted:
             self.dispatcher.accepted(accepted)
-            self._counter(name, "accepted").inc(accepted)
+            self.metrics.child(self.metrics.webhooks, name, "accepted").inc(accepted)
         if stored_flooded:
             self.metrics.webhooks.labels(name, "flooded").inc(stored_flooded)
         if duplicates:
@@ -139,13 +137,6 @@ class Ingress:
         if stored_flooded:
             answer["flooded"] = stored_flooded
         return Response(orjson.dumps(answer), status_code=parsed.status, media_type="application/json")
-
-    def _counter(self, platform: str, outcome: str) -> Counter:
-        """The webhooks counter's child (labels() costs a lock and a lookup per call)."""
-        child = self._counters.get((platform, outcome))
-        if child is None:
-            child = self._counters[(platform, outcome)] = self.metrics.webhooks.labels(platform, outcome)
-        return child
 
     async def _body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")

@@ -11,6 +11,7 @@ from prometheus_client.registry import Collector
 
 class Metrics:
     def __init__(self) -> None:
+        self._children: dict[tuple[int, tuple[str, ...]], Counter] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.webhooks = Counter(
@@ -54,6 +55,15 @@ class Metrics:
         self.active = Gauge(
             "switchboard_active_conversations", "Conversations being worked on by this node.", registry=r
         )
+
+    def child(self, counter: Counter, *labels: str) -> Counter:
+        """`counter.labels(*labels)`, kept: labels() takes a lock and a lookup on every call, which
+        the per-message paths (ingress, outbox) would pay for each message."""
+        key = (id(counter), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = counter.labels(*labels)
+        return found
 
 
 class ConnectorCollector(Collector):

@@ -18,8 +18,6 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
-from prometheus_client import Counter
-
 from middleware.helpdesk import HelpdeskWebhook
 from middleware.logs import redact
 from middleware.metrics import Metrics
@@ -48,7 +46,6 @@ class Outbox:
         self.metrics = metrics
         self.helpdesk = helpdesk
         self._limiters: dict[str, RateLimiter] = {}
-        self._sent: dict[tuple[str, str], Counter] = {}
 
     def limiter(self, platform: Platform) -> RateLimiter:
         limiter = self._limiters.get(platform.name)
@@ -146,10 +143,7 @@ class Outbox:
             return time.time() + delay
         # the next row goes at once; the mark joins the next group commit (a later read sees it)
         self.store.mark_sent_soon(item.id)
-        sent = self._sent.get((item.platform, kind))
-        if sent is None:  # the counter's child, kept (labels() takes a lock and a lookup)
-            sent = self._sent[(item.platform, kind)] = self.metrics.deliveries.labels(item.platform, kind, "sent")
-        sent.inc()
+        self.metrics.child(self.metrics.deliveries, item.platform, kind, "sent").inc()
         return None
 
     def backoff(self, attempts: int, retry_after: float | None) -> float:
