@@ -14,10 +14,8 @@ import asyncio
 import contextlib
 import functools
 import hashlib
-import json
 import logging
 import queue
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -25,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import orjson
 from sqlalchemy import (
     ColumnElement,
     Connection,
@@ -53,6 +50,8 @@ from sqlmodel import Field, SQLModel
 from middleware import migrate as migrations
 from middleware.dburl import normalise
 from middleware.hotsql import HotSQL, execute
+from middleware.jsoncodec import dumps
+from middleware.jsoncodec import loads as _loads
 from middleware.migrate import Policy
 from middleware.model import ConversationState, Inbound, Outgoing, Sender, Timer, Transition
 
@@ -256,24 +255,7 @@ def _skills(stored: str | None) -> tuple[str, ...]:
 
 
 def _dumps(value: Any) -> str:
-    """JSON text of a value we store: orjson (a tenth of json.dumps's time on the per-message rows),
-    json for what orjson refuses (an integer past 64 bits that a platform sent)."""
-    try:
-        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
-    except TypeError:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-def _loads(text: str | bytes) -> Any:
-    """What `_dumps` stored. orjson reads an integer past 64 bits as a float: text with a run of
-    20 digits (one may be such an integer) is read by json, which keeps it exact."""
-    if _LONG_DIGITS.search(text if isinstance(text, str) else text.decode()):
-        return json.loads(text)
-    return orjson.loads(text)
-
-
-#: the shortest digit run that can be an integer orjson would not read exactly (2**64 has 20 digits)
-_LONG_DIGITS = re.compile(r"\d{20}")
+    return dumps(value).decode()
 
 
 class Store:

@@ -38,9 +38,9 @@ from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar, Protocol
 
 import httpx
-import orjson
 from pydantic import BaseModel, ConfigDict
 
+from middleware import jsoncodec
 from middleware.http1 import Http1Error, Http1Timeout, SwitchboardClient
 from middleware.model import Inbound, Outgoing
 from middleware.ratelimit import RateLimit
@@ -372,10 +372,7 @@ async def post_json(
 
 
 def json_bytes(body: Any) -> bytes:
-    try:
-        return orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS)
-    except TypeError:  # what orjson refuses (an integer past 64 bits)
-        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    return jsoncodec.dumps(body)
 
 
 async def post_bytes(http: httpx.AsyncClient, url: str, raw: bytes, headers: dict[str, str]) -> HttpAnswer:
