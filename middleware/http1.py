@@ -29,6 +29,8 @@ from urllib.parse import urlsplit
 import httptools
 import httpx
 
+from middleware.cutoff import cutoff
+
 #: the largest answer body kept (platform answers are a few hundred bytes)
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
 #: environment variables that send httpx through a proxy: with any set, the fast path is off
@@ -218,7 +220,7 @@ class Http1Pool:
         request = b"".join(lines)
         replayable = any(name.lower() == "idempotency-key" for name in headers)
         try:
-            async with asyncio.timeout(self.timeout):
+            async with cutoff(self.timeout):
                 slots = self._slots.get(origin)
                 if slots is None:
                     slots = self._slots[origin] = asyncio.Semaphore(self.max_connections)

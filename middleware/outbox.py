@@ -12,12 +12,12 @@ the call is cut off before then, so a node that lost its lease never sends.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
+from middleware.cutoff import cutoff
 from middleware.helpdesk import HelpdeskWebhook
 from middleware.logs import redact
 from middleware.metrics import Metrics
@@ -93,7 +93,7 @@ class Outbox:
                 return time.time() + wait
         left = await fence() if fence is not None else None
         try:
-            async with asyncio.timeout(None if left is None else max(0.0, left - FENCE_MARGIN)) as cut:
+            async with cutoff(None if left is None else max(0.0, left - FENCE_MARGIN)) as cut:
                 if not to_platform:
                     if self.helpdesk is None:
                         raise DeliveryError("no handoff.webhook_url configured for the helpdesk", retryable=False)

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
+from middleware.cutoff import cutoff
 from middleware.engine import Engine, FlowFailed
 from middleware.helpdesk import TARGET
 from middleware.metrics import Metrics
@@ -168,7 +169,7 @@ class TurnRunner:
             if decision is None:
                 if typing.started:
                     await asyncio.sleep(0)  # typing's task gets its first step (delay 0: on at once)
-                async with asyncio.timeout(self.settings.dispatch.turn_timeout):
+                async with cutoff(self.settings.dispatch.turn_timeout):
                     result = await decide
             else:
                 result = await decision
