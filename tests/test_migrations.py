@@ -253,12 +253,25 @@ async def test_revision_0001_creates_the_recorded_first_release_schema(store_url
 # -- (b) databases made before migrations ----------------------------------------------------------
 
 
+#: the status indexes as they were up to revision 0002 (0003 made them partial)
+STATUS_INDEXES_0002 = (
+    "DROP INDEX ix_inbox_pending",
+    "CREATE INDEX ix_inbox_pending ON inbox (status, conversation_key, id)",
+    "DROP INDEX ix_outbox_pending",
+    "CREATE INDEX ix_outbox_pending ON outbox (status, conversation_key, id)",
+    "DROP INDEX ix_outbox_dead",
+)
+
+
 async def test_a_database_made_before_migrations_is_recognised_and_stamped(store_url: str) -> None:
-    """The last version before migrations made the tables with create_all (agent.skills included)."""
+    """The last version before migrations made the tables with create_all: revision 0002's schema
+    (agent.skills included, the status indexes over every row)."""
     eng = engine(store_url)
     try:
         with eng.begin() as conn:
             SQLModel.metadata.create_all(conn)
+            for statement in STATUS_INDEXES_0002:
+                conn.exec_driver_sql(statement)
             conn.execute(
                 text(
                     "INSERT INTO agent (name, password_hash, skills, created_at, updated_at) "
@@ -266,11 +279,12 @@ async def test_a_database_made_before_migrations_is_recognised_and_stamped(store
                 )
             )
         with eng.begin() as conn:
-            assert migrate.state(conn) == migrate.SchemaState(HEAD, HEAD, versioned=False, known=True)
+            assert migrate.state(conn) == migrate.SchemaState("0002", HEAD, versioned=False, known=True)
     finally:
         eng.dispose()
     store = Store(store_url)
-    await store.start(migrate="check")  # the schema is current: a checking node starts, and stamps nothing
+    with pytest.raises(migrate.SchemaError, match="revision 0002 \\(made before migrations"):
+        await store.start(migrate="check")  # behind: a checking node refuses, and stamps nothing
     await store.close()
     assert version_rows(store_url) == []
     store = Store(store_url)
@@ -281,6 +295,36 @@ async def test_a_database_made_before_migrations_is_recognised_and_stamped(store
     finally:
         await store.close()
     assert differences(store_url) == []
+    assert status_indexes(store_url) == PARTIAL_STATUS_INDEXES
+
+
+#: what revision 0003 leaves: index -> the condition of its rows
+PARTIAL_STATUS_INDEXES = {
+    "ix_inbox_pending": "status = 'pending'",
+    "ix_outbox_pending": "status = 'pending'",
+    "ix_outbox_dead": "status = 'dead'",
+}
+
+
+def status_indexes(url: str) -> dict[str, str | None]:
+    """The partial indexes' conditions as the database holds them (alembic's comparison ignores them)."""
+    names = tuple(PARTIAL_STATUS_INDEXES)
+    eng = engine(url)
+    try:
+        with eng.connect() as conn:
+            if dialect(url) == "sqlite":
+                rows = conn.execute(text("SELECT name, sql FROM sqlite_master WHERE type = 'index'")).all()
+            else:
+                rows = conn.execute(text("SELECT indexname, indexdef FROM pg_indexes")).all()
+    finally:
+        eng.dispose()
+    found: dict[str, str | None] = {}
+    for name, sql in rows:
+        if name in names:
+            where = sql.split(" WHERE ", 1)[1] if " WHERE " in sql else None
+            # PostgreSQL writes it back as ((status)::text = 'pending'::text)
+            found[name] = where and where.replace("(", "").replace(")", "").replace("::text", "")
+    return found
 
 
 async def test_first_release_database_under_check_refuses_to_start_and_auto_upgrades(store_url: str) -> None:
@@ -325,6 +369,7 @@ async def test_head_matches_the_models_exactly(store_url: str) -> None:
     await store.close()
     assert version_rows(store_url) == [HEAD]
     assert differences(store_url) == []
+    assert status_indexes(store_url) == PARTIAL_STATUS_INDEXES
 
 
 async def test_down_to_nothing_and_up_again(store_url: str, tmp_path: Path) -> None:
@@ -366,7 +411,8 @@ async def test_check_exit_codes(store_url: str, tmp_path: Path) -> None:
     assert switchboard_migrate(cfg).returncode == 0
     assert switchboard_migrate(cfg, "--check").returncode == 0
     bad = switchboard_migrate(cfg, "--to", "0042")
-    assert (bad.returncode, bad.stderr.strip()) == (2, f"no revision '0042'; this version knows 0001, {HEAD}")
+    known = ", ".join(rev for rev, _ in migrate.history())
+    assert (bad.returncode, bad.stderr.strip()) == (2, f"no revision '0042'; this version knows {known}")
 
 
 async def test_a_database_at_a_newer_revision_is_never_touched(store_url: str, tmp_path: Path) -> None:

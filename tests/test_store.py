@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import event
 
 from middleware.model import ConversationState, Inbound, Outgoing, Reply, Sender, conversation_key
 from middleware.store import Lease, LeaseLost, Store, StoreUnavailable, idempotency_key
@@ -397,6 +399,78 @@ async def test_purge_forgets_only_old_handled_rows(store: Store) -> None:
     assert [d["id"] for d in await store.dead_letters()] == [dead.id]
     # its dedupe key is gone with it, the pending one's is not
     assert await store.accept([inbound(1), inbound(2, conversation="c-2")]) == [True, False]
+
+
+async def test_queries_on_status_can_use_the_partial_indexes(store: Store) -> None:
+    """The status indexes cover only pending rows and dead letters (migration 0003): a query that
+    selects by status must be one the database can prove them usable for, or it scans a table that
+    grows with every message. SQLite plans with the bound value; PostgreSQL's generic plans (psycopg
+    prepares a statement after a few runs) cannot, so the status is a literal in every query. Checked
+    here with generic plans forced and sequential scans priced out: a scan left means no index fits."""
+    seen: list[tuple[str, object]] = []
+
+    def record(_conn: object, _cursor: object, statement: str, parameters: object, *_: object) -> None:
+        if "status" in statement and statement.lstrip().upper().startswith(("SELECT", "UPDATE")):
+            seen.append((statement, parameters))
+
+    event.listen(store.engine, "before_cursor_execute", record)
+    try:
+        await store.accept([inbound(1), inbound(2, conversation="c-2")])
+        lease = await claimed(store, "node-a")
+        await store.pending_messages(key())
+        await turn(store, lease, ["one"])
+        await store.due_outbox(key())
+        await store.release(lease)
+        await store.pending_count()
+        await store.outbox_counts()
+        await store.dead_letters()
+        await store.work_to_resume("node-b")
+        await store.with_pending_messages([key(), key("c-2")])
+    finally:
+        event.remove(store.engine, "before_cursor_execute", record)
+    # the hot path's statements run on the driver's cursor (middleware/hotsql.py), past SQLAlchemy's events
+    hot = {"key": key(), "limit": 32, "owner": "node-a", "epoch": 1, "now": 0.0}
+    seen += [(getattr(store._hot, name), hot) for name in ("pending", "due_outbox", "release")]
+    assert len(seen) >= 10
+    postgres = store.dialect == "postgresql"
+    scan = re.compile(r"Seq Scan on (inbox|outbox)\b" if postgres else r"SCAN (inbox|outbox)\b(?!.*USING)")
+    with store.engine.connect() as conn:
+        if postgres:
+            conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+            conn.exec_driver_sql("SET enable_seqscan = off")
+        for n, (statement, parameters) in enumerate(seen):
+            if postgres:  # a named prepared statement: EXPLAIN of a bound one plans with its values
+                sql, values = _numbered(statement, parameters)
+                conn.exec_driver_sql(f"PREPARE probe_{n} AS {sql}")
+                args = f"({', '.join(map(_literal, values))})" if values else ""
+                rows = conn.exec_driver_sql(f"EXPLAIN EXECUTE probe_{n}{args}")
+                plan = [str(row[0]) for row in rows]
+            else:
+                rows = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters)  # type: ignore[arg-type]
+                plan = [str(row[3]) for row in rows]
+            assert not [step for step in plan if scan.search(step)], f"{statement}\n  plan: {plan}"
+        conn.rollback()
+
+
+def _numbered(statement: str, parameters: object) -> tuple[str, list[object]]:
+    """psycopg's `%(name)s` placeholders as PREPARE's `$n`, and the values in that order."""
+    assert isinstance(parameters, dict)
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        if match.group(1) not in names:
+            names.append(match.group(1))
+        return f"${names.index(match.group(1)) + 1}"
+
+    return re.sub(r"%\((\w+)\)s", number, statement), [parameters[name] for name in names]
+
+
+def _literal(value: object) -> str:
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    if isinstance(value, list | tuple):
+        return "ARRAY[" + ", ".join(map(_literal, value)) + "]"
+    return repr(value)
 
 
 def test_idempotency_key_is_stable_and_distinct() -> None:
