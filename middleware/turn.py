@@ -40,12 +40,18 @@ class Typing:
     """A typing indicator's lifecycle within one turn."""
 
     def __init__(
-        self, platform: Platform, conversation_id: str, message_id: str, key_prefix: str, delay: float
+        self,
+        platform: Platform,
+        conversation_id: str,
+        message_id: str,
+        key_of: Callable[[int | str], str],
+        delay: float,
     ) -> None:
         self.platform = platform
         self.conversation_id = conversation_id
         self.message_id = message_id
-        self.key_prefix = key_prefix
+        #: the turn's idempotency keys, by suffix: typing's are derived only when typing goes on
+        self.key_of = key_of
         self.delay = delay
         self.refresh = max(0.5, platform.typing_ttl * 0.6)
         self.sent_on = False
@@ -67,13 +73,14 @@ class Typing:
                     await self._stop.wait()
                 return
         n = 0
+        prefix = self.key_of("typing")
         while not self._stop.is_set():
             n += 1
             try:
                 await deliver(
                     self.platform,
                     Outgoing("typing", self.conversation_id, typing=True, message_id=self.message_id),
-                    f"{self.key_prefix}-on-{n}",
+                    f"{prefix}-on-{n}",
                 )
                 self.sent_on = True
             except DeliveryError as exc:
@@ -145,7 +152,7 @@ class TurnRunner:
             state = state.copy()
             state.vars["user"] = await self.store.user_vars(user_key)
         delay = platform.config.typing_delay if platform.config.typing_delay is not None else self.settings.typing.delay
-        typing = Typing(platform, message.conversation_id, message.message_id, key_of("typing"), delay)
+        typing = Typing(platform, message.conversation_id, message.message_id, key_of, delay)
         if not is_event and state.owner not in (Owner.QUEUED, Owner.AGENT):
             typing.start()
         deadline = time.monotonic() + self.settings.dispatch.turn_timeout

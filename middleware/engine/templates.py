@@ -28,6 +28,10 @@ class Template:
     def __init__(self, source: str) -> None:
         self.source = source
         self._compiled = _env.from_string(source) if ("{{" in source or "{%" in source) else None
+        if self._compiled is not None:
+            # a template's globals are a ChainMap over the environment's, which every render walks
+            # twice (Jinja's new_context): one plain dict instead (nothing adds globals after start)
+            self._compiled.globals = dict(self._compiled.globals)
 
     def render(self, context: dict[str, Any]) -> str:
         if self._compiled is None:
