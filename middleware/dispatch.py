@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import itertools
 import logging
 import time
@@ -299,7 +298,7 @@ class Dispatcher:
                 state, added = done
                 worked = True
                 self._recent.setdefault(key, collections.deque(maxlen=64)).extend(p.inbox_id for p in batch)
-                lease = dataclasses.replace(lease, state=state, messages=())
+                lease = Lease(lease.key, lease.owner, lease.epoch, state)
                 self.backlog = max(0, self.backlog - len(batch))
                 self._measure_room()
                 retry_at = await self.outbox.drain(key, platform, fence, added if outbox_clear else None)

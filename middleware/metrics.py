@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+#: a labelled metric (Counter, Histogram) whose children `Metrics.child` keeps
+M = TypeVar("M", Counter, Histogram)
+
 
 class Metrics:
     def __init__(self) -> None:
-        self._children: dict[tuple[int, tuple[str, ...]], Counter] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.webhooks = Counter(
@@ -56,14 +60,16 @@ class Metrics:
             "switchboard_active_conversations", "Conversations being worked on by this node.", registry=r
         )
 
-    def child(self, counter: Counter, *labels: str) -> Counter:
-        """`counter.labels(*labels)`, kept: labels() takes a lock and a lookup on every call, which
-        the per-message paths (ingress, outbox) would pay for each message."""
+    def child(self, counter: M, *labels: str) -> M:
+        """`counter.labels(*labels)` (a counter's or a histogram's), kept: labels() takes a lock and
+        a lookup on every call, which the per-message paths (ingress, turn, outbox) would pay for
+        each message."""
         key = (id(counter), labels)
         found = self._children.get(key)
         if found is None:
             found = self._children[key] = counter.labels(*labels)
-        return found
+        child: M = found
+        return child
 
 
 class ConnectorCollector(Collector):

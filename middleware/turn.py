@@ -206,8 +206,10 @@ class TurnRunner:
         user_changes = {
             a.name[5:]: a.value for a in result.actions if isinstance(a, SetVariable) and a.name.startswith("user.")
         }
-        new_state = result.state.copy()
-        new_state.vars.pop("user", None)
+        new_state = result.state  # the engine's own copy: nothing changes it in place after the turn
+        if "user" in new_state.vars:  # user-scope variables live in their own table, not the state
+            new_state = new_state.copy()
+            del new_state.vars["user"]
         try:
             added = await self.store.commit_turn(
                 lease,
@@ -225,7 +227,7 @@ class TurnRunner:
                 self._spawn(self._send_now(platform, off, key_of("typing-off")))
             raise
         elapsed = time.perf_counter() - started
-        self.metrics.turn_seconds.labels(message.platform).observe(elapsed)
+        self.metrics.child(self.metrics.turn_seconds, message.platform).observe(elapsed)
         for observer in self.observers:
             observer(message, result, elapsed)
         return new_state, added
