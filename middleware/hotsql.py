@@ -113,6 +113,17 @@ class HotSQL:
             marks = ", ".join("?" * len(chunk))
             execute(conn, f"UPDATE inbox SET status = 'done', handled_at = ? WHERE id IN ({marks})", [now, *chunk])
 
+    def mark_sent_many(self, conn: Connection, ids: Sequence[int], now: float) -> None:
+        """Several outbox rows sent (a batch's sent marks in one statement)."""
+        if self.postgres:
+            sql = "UPDATE outbox SET status = 'sent', sent_at = %s, last_error = NULL WHERE id = ANY(%s)"
+            execute(conn, sql, [now, list(ids)])
+            return
+        for chunk in _chunks(ids, self.CHUNK):
+            marks = ", ".join("?" * len(chunk))
+            sql = f"UPDATE outbox SET status = 'sent', sent_at = ?, last_error = NULL WHERE id IN ({marks})"
+            execute(conn, sql, [now, *chunk])
+
     def cancel_timers(self, conn: Connection, key: str, names: Sequence[str]) -> None:
         """The conversation's pending timers of these names (a state left, a timer re-armed) cancelled."""
         if self.postgres:

@@ -387,8 +387,14 @@ class Store:
         try:
             with self.engine.begin() as conn:
                 merged = _Accept.merged(conn, [op for op, _ in batch if isinstance(op, _Accept)])
+                sent = _Sent.merged(conn, [op for op, _ in batch if isinstance(op, _Sent)])
                 for op, fut in batch:
-                    results.append((fut, merged[id(op)] if id(op) in merged else op(conn), None))
+                    if id(op) in merged:
+                        results.append((fut, merged[id(op)], None))
+                    elif sent and isinstance(op, _Sent):
+                        results.append((fut, None, None))
+                    else:
+                        results.append((fut, op(conn), None))
             self.batches += 1
             self.operations += len(batch)
         except Exception as exc:  # one op failed (or the database): isolate each op in its own transaction
@@ -715,8 +721,7 @@ class Store:
 
     def mark_sent_soon(self, outbox_id: int) -> None:
         """`mark_sent` without waiting for it (`submit`): the outbox goes on to the next row at once."""
-        sql, params = self._hot.mark_sent, {"id": outbox_id, "now": time.time()}
-        self.submit(lambda conn: execute(conn, sql, params))
+        self.submit(_Sent(self._hot, outbox_id, time.time()))
 
     async def mark_retry(self, outbox_id: int, attempts: int, next_attempt_at: float, error: str) -> None:
         stmt = (
@@ -1165,6 +1170,29 @@ class _Accept:
         for op in ops:
             out[id(op)] = {k: inserted.pop(k) for k in op.keys if k in inserted}
         return out
+
+
+class _Sent:
+    """The op of one `Store.mark_sent_soon`: in a batch with others, all of them share one UPDATE."""
+
+    __slots__ = ("hot", "now", "outbox_id")
+
+    def __init__(self, hot: HotSQL, outbox_id: int, now: float) -> None:
+        self.hot = hot
+        self.outbox_id = outbox_id
+        self.now = now
+
+    def __call__(self, conn: Connection) -> None:
+        execute(conn, self.hot.mark_sent, {"id": self.outbox_id, "now": self.now})
+
+    @staticmethod
+    def merged(conn: Connection, ops: list[_Sent]) -> bool:
+        """Mark every op's row sent in one statement (at the latest of their times); False if
+        there were too few to bother (each op then runs on its own)."""
+        if len(ops) < 2:
+            return False
+        ops[0].hot.mark_sent_many(conn, [op.outbox_id for op in ops], max(op.now for op in ops))
+        return True
 
 
 class _Throttled:

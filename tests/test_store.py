@@ -11,6 +11,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import event
@@ -237,6 +238,34 @@ async def test_a_mark_sent_nobody_waits_for_is_seen_by_the_next_operations(store
     assert [i.id for i in await store.due_outbox(key())] == [second.id]
     store.mark_sent_soon(second.id)
     assert await store.release(lease) is True
+
+
+async def test_sent_marks_in_one_batch_share_one_statement(store: Store) -> None:
+    """Sent marks queued together are written by one UPDATE (on SQLite the statements are traced)."""
+    lease = await claimed(store, "node-a")
+    await store.accept([inbound(1)])
+    await turn(store, lease, ["one", "two", "three", "four"])
+    rows = await store.due_outbox(key())
+    statements: list[str] = []
+
+    def trace(dbapi_connection: Any, *_: object) -> None:
+        if store.dialect == "sqlite":
+            dbapi_connection.set_trace_callback(statements.append)
+
+    event.listen(store.engine, "checkout", trace)
+    try:
+        for row in rows[:3]:
+            store.mark_sent_soon(row.id)  # queued before the writer wakes: one batch
+        assert [i.id for i in await store.due_outbox(key())] == [rows[3].id]
+    finally:
+        event.remove(store.engine, "checkout", trace)
+    row = await store.conversation(key())
+    assert row is not None
+    assert [r["status"] for r in row["outbox"]] == ["sent", "sent", "sent", "pending"]
+    assert all(r["sent_at"] for r in row["outbox"][:3])
+    if store.dialect == "sqlite":
+        marks = [sql for sql in statements if sql.startswith("UPDATE outbox SET status = 'sent'")]
+        assert len(marks) == 1 and all(f"{r.id}" in marks[0] for r in rows[:3]), statements
 
 
 async def test_a_failing_submitted_write_is_logged_and_leaves_the_others(
