@@ -125,6 +125,8 @@ class LocalHub:
         self.topics_kept = topics_kept
         self.queue_size = queue_size
         self._ids = itertools.count(1)
+        #: the last event id given out
+        self._last = 0
         self._subscribers: dict[str, set[_LocalSubscription]] = {}
         #: topic -> (highest id dropped from its backlog, recent events)
         self._recent: OrderedDict[str, tuple[int, deque[tuple[int, Event]]]] = OrderedDict()
@@ -135,19 +137,29 @@ class LocalHub:
     def publish(self, topic: str, data: dict[str, Any]) -> None:
         if self.closed:
             return
-        n = next(self._ids)
+        n = self._last = next(self._ids)
+        kept = self._recent.pop(topic, None)
+        if kept is None:
+            if topic not in self._subscribers:
+                # nobody watches it, nor did lately: nothing to deliver, and no backlog kept for every
+                # conversation a turn runs in; a reconnect that names an older id is told to resync
+                self._forgotten = n
+                return
+            kept = (n - 1, deque())  # its backlog was forgotten: what came before is unknown
         event = Event(f"{self.epoch}.{n}", topic, data)
-        dropped, recent = self._recent.pop(topic, (0, deque()))
+        dropped, recent = kept
         if len(recent) >= self.backlog:
             dropped = recent.popleft()[0]
         recent.append((n, event))
         self._recent[topic] = (dropped, recent)
         while len(self._recent) > self.topics_kept:
-            _, (_, gone) = self._recent.popitem(last=False)
-            if gone:
-                self._forgotten = max(self._forgotten, gone[-1][0])
+            self._forget_oldest()
         for subscriber in list(self._subscribers.get(topic, ())):
             subscriber.offer(event)
+
+    def _forget_oldest(self) -> None:
+        _, (dropped, gone) = self._recent.popitem(last=False)
+        self._forgotten = max(self._forgotten, gone[-1][0] if gone else dropped)
 
     def subscribe(self, topics: Iterable[str], last_event_id: str | None = None) -> Subscription:
         wanted = tuple(dict.fromkeys(topics))
@@ -157,6 +169,10 @@ class LocalHub:
             return sub
         for topic in wanted:
             self._subscribers.setdefault(topic, set()).add(sub)
+            if topic not in self._recent:  # its backlog starts now: a reconnect can replay from here
+                self._recent[topic] = (self._last, deque())
+        while len(self._recent) > self.topics_kept:
+            self._forget_oldest()
         if last_event_id:
             self._replay(sub, last_event_id)
         return sub
@@ -183,7 +199,8 @@ class LocalHub:
             sub.offer(event)
 
     def resync_event(self) -> Event:
-        return Event(f"{self.epoch}.{next(self._ids)}", "", {"kind": RESYNC})
+        self._last = next(self._ids)
+        return Event(f"{self.epoch}.{self._last}", "", {"kind": RESYNC})
 
     def resync(self, sub: Subscription) -> None:
         """Tell one subscription (of this hub, still open) to reload what it shows."""

@@ -55,26 +55,27 @@ class Typing:
         self.delay = delay
         self.refresh = max(0.5, platform.typing_ttl * 0.6)
         self.sent_on = False
-        self._stop = asyncio.Event()
+        self._stop: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         if self.platform.supports_typing:
-            self._task = asyncio.create_task(self._run())
+            self._stop = asyncio.Event()
+            self._task = asyncio.create_task(self._run(self._stop))
 
     @property
     def started(self) -> bool:
         return self._task is not None
 
-    async def _run(self) -> None:
+    async def _run(self, stop: asyncio.Event) -> None:
         if self.delay > 0:  # 0: typing goes on with every turn, however short
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.delay):
-                    await self._stop.wait()
+                    await stop.wait()
                 return
         n = 0
         prefix = self.key_of("typing")
-        while not self._stop.is_set():
+        while not stop.is_set():
             n += 1
             try:
                 await deliver(
@@ -87,12 +88,12 @@ class Typing:
                 log.info("typing on failed: %s", exc, extra={"platform": self.platform.name})
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.refresh):
-                    await self._stop.wait()
+                    await stop.wait()
 
     async def stop(self) -> bool:
         """Stop refreshing; waits for a typing-on in flight. True if typing was turned on."""
-        self._stop.set()
-        if self._task is not None:
+        if self._stop is not None and self._task is not None:
+            self._stop.set()
             await self._task
         return self.sent_on
 

@@ -72,9 +72,13 @@ class ReplyAction(Action):
 
     async def run(self, ctx: TurnContext) -> None:
         t = ctx.template_context()
+        text = self.text.render(t)
+        if not (self.buttons or self.quick_replies or self.cards or self.attachments):
+            ctx.replies.append(Reply(text=text))  # most replies are text alone
+            return
         ctx.replies.append(
             Reply(
-                text=self.text.render(t),
+                text=text,
                 buttons=tuple(Button(title.render(t), p) for title, p in self.buttons),
                 quick_replies=tuple(Button(title.render(t), p) for title, p in self.quick_replies),
                 cards=tuple(

@@ -95,8 +95,34 @@ async def test_forgotten_topics_are_bounded_and_resync_a_reconnect() -> None:
     assert first is not None
     sub.close()
     hub.publish("old", {"kind": "x", "n": 2})
+    watchers = [hub.subscribe([topic]) for topic in ("t1", "t2", "t3")]  # watched topics take the slots
     for topic in ("t1", "t2", "t3"):
         hub.publish(topic, {"kind": "x"})
     again = hub.subscribe(["old"], last_event_id=first.id)
     event = await again.next(1)
     assert event is not None and event.kind == RESYNC
+    for watcher in watchers:
+        watcher.close()
+
+
+async def test_topics_nobody_watches_keep_no_backlog_and_a_reconnect_to_one_resyncs() -> None:
+    hub = LocalHub()
+    sub = hub.subscribe(["watched"])
+    hub.publish("watched", {"kind": "x", "n": 1})
+    seen = await sub.next(1)
+    assert seen is not None
+    for n in range(100):  # every conversation's turns: none of it kept
+        hub.publish(f"conversation:{n}", {"kind": "turn"})
+    assert list(hub._recent) == ["watched"]
+    late = hub.subscribe(["conversation:7"], last_event_id=seen.id)  # it may have missed turns
+    event = await late.next(1)
+    assert event is not None and event.kind == RESYNC
+    hub.publish("conversation:7", {"kind": "turn", "n": 2})  # watched now: delivered and kept
+    event = await late.next(1)
+    assert event is not None and event.data["n"] == 2
+    late.close()
+    hub.publish("conversation:7", {"kind": "turn", "n": 3})
+    back = hub.subscribe(["conversation:7"], last_event_id=event.id)  # a reconnect replays exactly
+    replayed = await back.next(1)
+    assert replayed is not None and replayed.data["n"] == 3
+    assert await back.next(0.05) is None
