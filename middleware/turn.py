@@ -265,12 +265,12 @@ class TurnRunner:
             return []
         conv = message.conversation_id
         out: list[tuple[Outgoing, str]] = []
-        transcript = tuple((str(r), str(t)) for r, t in result.state.history[-50:])
         for i, action in enumerate(result.actions):
             if isinstance(action, Handoff):
                 if to_platform:
                     out.append((Outgoing("handoff", conv, handoff=action), key_of(f"handoff-{i}")))
                 if to_helpdesk:
+                    transcript = tuple((str(r), str(t)) for r, t in result.state.history[-50:])
                     item = Outgoing("handoff", conv, handoff=action, to=TARGET, transcript=transcript)
                     out.append((item, key_of(f"helpdesk-handoff-{i}")))
         for i, change in enumerate(result.transitions):
