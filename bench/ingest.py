@@ -1,6 +1,6 @@
 """The ingest path alone, for the `ingest` scenario: verify + dedupe + durable persist + 200.
 
-`uvicorn bench.ingest:app` (with SWITCHBOARD_BENCH_CONFIG naming a service config) serves the
+`python -m bench.ingest --port P` (with SWITCHBOARD_BENCH_CONFIG naming a service config) serves the
 service's own webhook path: `SwitchboardApp`'s webhook lane, `Ingress`, the configured platform's
 `parse`, flood control, and `Store.accept_ids` (group commit; SQLite in WAL with synchronous=FULL,
 or PostgreSQL), each acknowledgement sent only once its messages are committed. What it leaves
@@ -9,18 +9,20 @@ out is everything behind the ack: the messages stay pending, no turn runs, nothi
 service). The dispatcher's place is taken by `Taken`, which counts what the ingress hands it and
 applies the same backlog limit (503 past `dispatch.max_backlog`).
 
-The process is tuned as `switchboard serve` tunes itself (uvloop, httptools, no access log, the
-same garbage-collector settings).
+The process is tuned as `switchboard serve` tunes itself (uvloop, its httptools protocol that writes
+each answer in one piece, no access log, the same garbage-collector settings).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 from collections.abc import AsyncIterator
 from typing import cast
 
 import httpx
+import uvicorn
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -32,6 +34,7 @@ from middleware.flood import SenderLimiter
 from middleware.ingress import Ingress
 from middleware.metrics import Metrics
 from middleware.platforms import PLATFORM_TYPES
+from middleware.server_protocol import OneWriteHttpToolsProtocol
 from middleware.settings import load_settings
 from middleware.store import PendingMessage, Store
 
@@ -96,3 +99,26 @@ def build() -> SwitchboardApp:
 
 
 app = build() if "SWITCHBOARD_BENCH_CONFIG" in os.environ else None
+
+
+def main() -> None:
+    """`python -m bench.ingest --port P [--log-level L]`: serve `app` as `switchboard serve` serves
+    its own (uvloop, its one-write httptools protocol, no access log)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--log-level", default="warning")
+    args = parser.parse_args()
+    assert app is not None, "SWITCHBOARD_BENCH_CONFIG names no config"
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=args.port,
+        loop="uvloop",
+        http=OneWriteHttpToolsProtocol,
+        access_log=False,
+        log_level=args.log_level,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -302,12 +302,8 @@ def ingest(opts: Options) -> Metrics:
         # messages off the backlog either, so its bound (still checked per webhook) is set out of reach
         backlog = "dispatch:\n  max_backlog: 1000000000\n"
         config = write_service_files(folder, "http://127.0.0.1:9", store.url, extra=backlog)
-        cmd = [
-            sys.executable, "-m", "uvicorn", "bench.ingest:app", "--app-dir", str(REPO),
-            "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", opts.log_level,
-            "--loop", "uvloop", "--http", "httptools",
-        ]  # fmt: skip
-        env = {"SWITCHBOARD_BENCH_CONFIG": str(config)}
+        cmd = [sys.executable, "-m", "bench.ingest", "--port", str(port), "--log-level", opts.log_level]
+        env = {"SWITCHBOARD_BENCH_CONFIG": str(config), "PYTHONPATH": str(REPO)}
         server = Proc.start("ingest", cmd, SERVER_CORE, folder / "ingest.log", cwd=folder, env=env)
         with running([server]), probing(store) as probe:
             server.wait_http(f"http://127.0.0.1:{port}/healthz", timeout=60)

@@ -127,6 +127,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from middleware import logs
     from middleware.app import create_app
+    from middleware.server_protocol import OneWriteHttpToolsProtocol
     from middleware.settings import load_settings
     from middleware.shutdown import CONNECTIONS_SECONDS, GracefulServer
 
@@ -158,7 +159,7 @@ def _serve(args: argparse.Namespace) -> int:
         log_config=None,
         access_log=False,
         loop="uvloop",
-        http="httptools",
+        http=OneWriteHttpToolsProtocol,
         timeout_graceful_shutdown=CONNECTIONS_SECONDS,
     )
     # SIGTERM drains first (503s, turns finished or handed to other nodes): middleware/shutdown.py
