@@ -130,7 +130,9 @@ class LocalHub:
         self._subscribers: dict[str, set[_LocalSubscription]] = {}
         #: topic -> (highest id dropped from its backlog, recent events)
         self._recent: OrderedDict[str, tuple[int, deque[tuple[int, Event]]]] = OrderedDict()
-        #: the newest event id of a topic whose backlog was forgotten to keep `topics_kept`
+        #: the newest event id not kept in any backlog (a topic's backlog dropped to keep `topics_kept`,
+        #: or an event on a topic nobody watched): a reconnect from before it, on a topic without a
+        #: backlog, resyncs
         self._forgotten = 0
         self.closed = False
 

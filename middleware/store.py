@@ -716,8 +716,7 @@ class Store:
         return await self.run(op)
 
     async def mark_sent(self, outbox_id: int) -> None:
-        sql, params = self._hot.mark_sent, {"id": outbox_id, "now": time.time()}
-        await self.run(lambda conn: execute(conn, sql, params))
+        await self.run(_Sent(self._hot, outbox_id, time.time()))
 
     def mark_sent_soon(self, outbox_id: int) -> None:
         """`mark_sent` without waiting for it (`submit`): the outbox goes on to the next row at once."""

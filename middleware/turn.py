@@ -207,7 +207,7 @@ class TurnRunner:
         user_changes = {
             a.name[5:]: a.value for a in result.actions if isinstance(a, SetVariable) and a.name.startswith("user.")
         }
-        new_state = result.state  # the engine's own copy: nothing changes it in place after the turn
+        new_state = result.state  # nothing changes a turn's state in place once the turn is done
         if "user" in new_state.vars:  # user-scope variables live in their own table, not the state
             new_state = new_state.copy()
             del new_state.vars["user"]
