@@ -264,9 +264,19 @@ class OutboxItem:
     next_attempt_at: float
 
 
-def idempotency_key(platform: str, message_id: str, n: int | str) -> str:
-    """Stable across retries, restarts and re-run turns: derived from the message it answers."""
-    return hashlib.sha256(f"{platform}\x00{message_id}\x00{n}".encode()).hexdigest()[:40]
+def idempotency_key(platform: str, message_id: str, n: int | str, inbox_id: int | None = None) -> str:
+    """Stable across retries, restarts and re-run turns: derived from the message it answers.
+
+    40 hex digits. With `inbox_id` (the stored message's id: the same for every run of its turn,
+    on any node) the key starts with it, so the outbox's unique index takes each new row at its
+    right edge, on the one page the last commit wrote already; a hash alone lands every row on a
+    random leaf, one more page written per reply (bench/README.md). Keys of rows already stored
+    never change: the outbox sends the key its row holds."""
+    digest = hashlib.sha256(f"{platform}\x00{message_id}\x00{n}".encode()).hexdigest()
+    if inbox_id is None:
+        return digest[:40]
+    prefix = f"{inbox_id:012x}"
+    return prefix + digest[: max(16, 40 - len(prefix))]
 
 
 def _skills(stored: str | None) -> tuple[str, ...]:

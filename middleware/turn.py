@@ -139,14 +139,18 @@ class TurnRunner:
         started = time.perf_counter()
         is_event = message.type == "event"
 
+        inbox_id = pending[-1].inbox_id  # the merged message's own row
+
         def key_of(n: int | str) -> str:
-            return idempotency_key(message.platform, message.message_id, n)
+            return idempotency_key(message.platform, message.message_id, n, inbox_id)
 
         if platform.supports_read and not is_event:
             for p in pending:
                 read = Outgoing("read", p.inbound.conversation_id, message_id=p.inbound.message_id)
                 self._spawn(
-                    self._send_now(platform, read, idempotency_key(p.inbound.platform, p.inbound.message_id, "read"))
+                    self._send_now(
+                        platform, read, idempotency_key(p.inbound.platform, p.inbound.message_id, "read", p.inbox_id)
+                    )
                 )
         user_key = f"{message.platform}:{message.sender.id}"
         if not is_event and self.engine.uses_user_scope(message, state):

@@ -519,6 +519,20 @@ def test_idempotency_key_is_stable_and_distinct() -> None:
     assert idempotency_key("a:b", "c", 0) != idempotency_key("a", "b:c", 0)
 
 
+def test_idempotency_keys_of_a_stored_message_sort_by_its_inbox_id() -> None:
+    """The outbox's unique index takes new rows at its right edge (one page per commit, not one
+    random page per reply): keys lead with the message's inbox id and stay 40 hex digits."""
+    k = idempotency_key("myapp", "m-1", 0, 7)
+    assert k == idempotency_key("myapp", "m-1", 0, 7)
+    assert len(k) == 40 and all(ch in "0123456789abcdef" for ch in k)
+    assert k.startswith("000000000007")
+    assert k != idempotency_key("myapp", "m-1", 1, 7) != idempotency_key("myapp", "m-1", "typing-off", 7)
+    ordered = [idempotency_key("myapp", f"m-{i}", n, i) for i in (9, 10, 255, 256, 70000) for n in (0, 1)]
+    assert [k[:12] for k in ordered] == sorted(k[:12] for k in ordered)
+    huge = idempotency_key("myapp", "m-1", 0, 2**60)
+    assert huge.startswith(f"{2**60:x}") and 40 <= len(huge) <= 80
+
+
 # -- outages -------------------------------------------------------------------------------------
 
 
