@@ -63,10 +63,22 @@ class HotSQL:
         self.pending = self._named(
             "SELECT id, body FROM inbox WHERE conversation_key = :key AND status = 'pending' ORDER BY id LIMIT :limit"
         )
-        state = "state = :state, updated_at = :updated_at, owner = :new_owner, queue = :queue, agent = :agent"
+        state = (
+            "state = :state, updated_at = :updated_at, owner = :new_owner, queue = :queue, agent = :agent,"
+            " last_inbox_id = COALESCE(:last_inbox, last_inbox_id)"
+        )
         self.set_state = self._named(f"UPDATE conversation SET {state} WHERE {ours}")
         self.set_state_since = self._named(f"UPDATE conversation SET {state}, owner_since = :updated_at WHERE {ours}")
-        self.done_any = self._named("UPDATE inbox SET status = 'done', handled_at = :now WHERE id = ANY(:ids)")
+        # a handled message is linked to the conversation's previous one (read before the turn's
+        # state moves the chain's head); a row handled already keeps its link
+        self.done_first = self._named(
+            "UPDATE inbox SET status = 'done', handled_at = :now, prev_id ="
+            ' (SELECT last_inbox_id FROM conversation WHERE "key" = :key)'
+            " WHERE id = :id AND status = 'pending'"
+        )
+        self.done_next = self._named(
+            "UPDATE inbox SET status = 'done', handled_at = :now, prev_id = :prev WHERE id = :id AND status = 'pending'"
+        )
         self.due_outbox = self._named(
             "SELECT id, conversation_key, platform, body, idempotency_key, attempts, next_attempt_at FROM outbox"
             " WHERE conversation_key = :key AND status = 'pending' ORDER BY id LIMIT :limit"
@@ -105,13 +117,20 @@ class HotSQL:
             out.update((r[1], r[0]) for r in cursor.fetchall())
         return out
 
-    def mark_done(self, conn: Connection, ids: Sequence[int], now: float) -> None:
-        if self.postgres:
-            execute(conn, self.done_any, {"now": now, "ids": list(ids)})
-            return
-        for chunk in _chunks(ids, self.CHUNK):
-            marks = ", ".join("?" * len(chunk))
-            execute(conn, f"UPDATE inbox SET status = 'done', handled_at = ? WHERE id IN ({marks})", [now, *chunk])
+    def mark_done(self, conn: Connection, key: str, ids: Sequence[int], now: float) -> int | None:
+        """The turn's messages handled, in order, each linked to the one handled before it;
+        returns the newest one linked (the chain's new head), None if all were handled already.
+        Run before `set_state`, which moves the head. One statement a message: a turn has one,
+        or a short burst."""
+        last: int | None = None
+        for inbox_id in ids:
+            if last is None:
+                cursor = execute(conn, self.done_first, {"now": now, "key": key, "id": inbox_id})
+            else:
+                cursor = execute(conn, self.done_next, {"now": now, "prev": last, "id": inbox_id})
+            if cursor.rowcount == 1:
+                last = inbox_id
+        return last
 
     def mark_sent_many(self, conn: Connection, ids: Sequence[int], now: float) -> None:
         """Several outbox rows sent (a batch's sent marks in one statement)."""

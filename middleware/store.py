@@ -46,6 +46,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.sql import Subquery
 from sqlmodel import Field, SQLModel
 
 from middleware import migrate as migrations
@@ -60,7 +61,8 @@ log = logging.getLogger("switchboard.store")
 T = TypeVar("T")
 
 
-#: the rows still to work on (messages, deliveries) and the dead letters: the only ones indexed by status.
+#: the rows still to work on (messages, deliveries), the dead letters and the flooded messages (never
+#: handled, so not in a conversation's chain of handled ones): the only ones indexed by status.
 #: Partial indexes: a row leaving the state leaves the index, so the indexes stay as small as the
 #: queues, and a handled message or a sent reply does not rewrite an index page of a `done`/`sent`
 #: region that grows for ever (bench/README.md). Queries name the state as a literal, not a bound
@@ -68,6 +70,7 @@ T = TypeVar("T")
 #: a partial index applies to `status = $1` (SQLite plans with the bound value; the literal costs it nothing).
 PENDING: ColumnElement[str] = literal_column("'pending'")
 DEAD: ColumnElement[str] = literal_column("'dead'")
+FLOODED: ColumnElement[str] = literal_column("'flooded'")
 
 
 def _where(status: str) -> dict[str, Any]:
@@ -82,7 +85,7 @@ class InboxRow(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("platform", "message_id", name="uq_inbox_platform_message"),
         Index("ix_inbox_pending", "conversation_key", "id", **_where("pending")),
-        Index("ix_inbox_conversation", "conversation_key", "id"),
+        Index("ix_inbox_flooded", "conversation_key", "id", **_where("flooded")),
     )
     id: int | None = Field(default=None, primary_key=True)
     platform: str = Field(max_length=128)
@@ -92,6 +95,10 @@ class InboxRow(SQLModel, table=True):
     status: str = Field(default="pending", max_length=16)
     received_at: float
     handled_at: float | None = None
+    #: the conversation's handled message before this one, set when this one is handled: the
+    #: views walk this chain back from `conversation.last_inbox_id` (no index by conversation
+    #: over every row: each message would write a page of it, migration 0004)
+    prev_id: int | None = None
 
 
 class ConversationRow(SQLModel, table=True):
@@ -113,6 +120,8 @@ class ConversationRow(SQLModel, table=True):
     owner_since: float = 0.0
     created_at: float
     updated_at: float
+    #: the newest handled message: the head of the inbox chain (`InboxRow.prev_id`)
+    last_inbox_id: int | None = None
 
 
 class OutboxRow(SQLModel, table=True):
@@ -570,6 +579,7 @@ class Store:
             "new_owner": state.owner.value,
             "queue": handoff.get("queue"),
             "agent": handoff.get("agent"),
+            "last_inbox": None,
         }
         set_state = hot.set_state_since if transitions else hot.set_state
         platform = lease.key.split(":", 1)[0]
@@ -611,10 +621,11 @@ class Store:
         ]
 
         def op(conn: Connection) -> list[OutboxItem]:
-            if execute(conn, set_state, state_params).rowcount != 1:
-                raise LeaseLost(lease.key)
-            if inbox_ids:
-                hot.mark_done(conn, inbox_ids, now)
+            params = state_params
+            if inbox_ids:  # first: each is linked to the chain's head before the state moves it
+                params = {**state_params, "last_inbox": hot.mark_done(conn, lease.key, inbox_ids, now)}
+            if execute(conn, set_state, params).rowcount != 1:
+                raise LeaseLost(lease.key)  # the batch's transaction rolls back, the marks with it
             added: dict[str, int] = {}
             if rows:
                 added = hot.insert_outbox(conn, rows)
@@ -953,10 +964,11 @@ class Store:
             row = conn.execute(select(CONVERSATION).where(c.key == key)).first()
             if row is None:
                 return None
+            i = INBOX.c
             messages = conn.execute(
-                select(INBOX.c.body, INBOX.c.status, INBOX.c.received_at, INBOX.c.handled_at)
-                .where(INBOX.c.conversation_key == key)
-                .order_by(INBOX.c.id)
+                select(i.body, i.status, i.received_at, i.handled_at)
+                .where(i.id.in_(select(_message_ids([key]).c.id)))
+                .order_by(i.id)
             ).all()
             replies = conn.execute(
                 select(
@@ -1034,9 +1046,10 @@ class Store:
         if not keys:
             return {}
         i = INBOX.c
+        candidates = _message_ids(keys, depth=PREVIEW_DEPTH)
         newest = (
             select(func.max(i.id))
-            .where(i.conversation_key.in_(list(keys)), ~i.body.contains('"type":"event"'))
+            .where(i.id.in_(select(candidates.c.id)), ~i.body.contains('"type":"event"'))
             .group_by(i.conversation_key)
         )
         stmt = select(i.conversation_key, i.body, i.received_at).where(i.id.in_(newest))
@@ -1147,6 +1160,38 @@ class Store:
     async def close_session(self, token_hash: str) -> None:
         stmt = delete(AGENT_SESSION).where(AGENT_SESSION.c.token_hash == token_hash)
         await self.run(lambda conn: conn.execute(stmt))
+
+
+#: how far back a preview looks through a conversation's handled messages for one a user sent
+PREVIEW_DEPTH = 50
+
+
+def _message_ids(keys: Sequence[str], depth: int | None = None) -> Subquery:
+    """The inbox ids of these conversations' messages: the handled ones by their chain (back from
+    `conversation.last_inbox_id`, by primary key; `depth`: at most that many links), the pending
+    and flooded ones by their partial indexes."""
+    c, i = CONVERSATION.c, INBOX.c
+    keys = list(keys)
+    if depth is None:  # every link; UNION (not ALL) stops at a row seen already, whatever the links say
+        chain = (
+            select(c.key.label("k"), c.last_inbox_id.label("id"))
+            .where(c.key.in_(keys), c.last_inbox_id.is_not(None))
+            .cte("chain", recursive=True)
+        )
+        link = select(chain.c.k, i.prev_id).join(chain, i.id == chain.c.id)
+        chain = chain.union(link.where(i.prev_id.is_not(None), i.conversation_key == chain.c.k))
+    else:
+        chain = (
+            select(c.key.label("k"), c.last_inbox_id.label("id"), literal(0).label("depth"))
+            .where(c.key.in_(keys), c.last_inbox_id.is_not(None))
+            .cte("chain", recursive=True)
+        )
+        link = select(chain.c.k, i.prev_id, chain.c.depth + 1).join(chain, i.id == chain.c.id)
+        chain = chain.union_all(
+            link.where(i.prev_id.is_not(None), i.conversation_key == chain.c.k, chain.c.depth < depth)
+        )
+    waiting = [select(i.id).where(i.conversation_key.in_(keys), i.status == status) for status in (PENDING, FLOODED)]
+    return union(select(chain.c.id), *waiting).subquery("messages")
 
 
 class _Accept:

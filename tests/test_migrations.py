@@ -200,6 +200,18 @@ async def test_upgrade_from_the_first_release_keeps_every_row(store_url: str, tm
     expected = {name: [dict(r) for r in rows] for name, rows in ROWS.items()}
     for agent in expected["agent"]:
         agent["skills"] = ""
+    # 0004: each handled message linked to the one handled before it in its conversation, whose
+    # row names its newest handled message
+    handled: dict[str, list[int]] = {}
+    for message in expected["inbox"]:
+        done = message["status"] == "done"
+        chain = handled.setdefault(str(message["conversation_key"]), [])
+        message["prev_id"] = (chain[-1] if chain else None) if done else None
+        if done:
+            chain.append(int(message["id"]))
+    for conversation in expected["conversation"]:
+        conversation["last_inbox_id"] = (handled.get(str(conversation["key"])) or [None])[-1]
+    assert any(m["prev_id"] for m in expected["inbox"]), "the recorded rows must make a chain to check"
     assert table_rows(store_url) == expected
     assert differences(store_url) == []
 
@@ -253,13 +265,18 @@ async def test_revision_0001_creates_the_recorded_first_release_schema(store_url
 # -- (b) databases made before migrations ----------------------------------------------------------
 
 
-#: the status indexes as they were up to revision 0002 (0003 made them partial)
-STATUS_INDEXES_0002 = (
+#: from this version's schema back to revision 0002's: the status indexes over every row (0003 made
+#: them partial), the inbox indexed by conversation and no chain of handled messages (0004)
+SCHEMA_0002 = (
     "DROP INDEX ix_inbox_pending",
     "CREATE INDEX ix_inbox_pending ON inbox (status, conversation_key, id)",
     "DROP INDEX ix_outbox_pending",
     "CREATE INDEX ix_outbox_pending ON outbox (status, conversation_key, id)",
     "DROP INDEX ix_outbox_dead",
+    "DROP INDEX ix_inbox_flooded",
+    "CREATE INDEX ix_inbox_conversation ON inbox (conversation_key, id)",
+    "ALTER TABLE inbox DROP COLUMN prev_id",
+    "ALTER TABLE conversation DROP COLUMN last_inbox_id",
 )
 
 
@@ -270,7 +287,7 @@ async def test_a_database_made_before_migrations_is_recognised_and_stamped(store
     try:
         with eng.begin() as conn:
             SQLModel.metadata.create_all(conn)
-            for statement in STATUS_INDEXES_0002:
+            for statement in SCHEMA_0002:
                 conn.exec_driver_sql(statement)
             conn.execute(
                 text(
@@ -298,9 +315,10 @@ async def test_a_database_made_before_migrations_is_recognised_and_stamped(store
     assert status_indexes(store_url) == PARTIAL_STATUS_INDEXES
 
 
-#: what revision 0003 leaves: index -> the condition of its rows
+#: what revisions 0003 and 0004 leave: index -> the condition of its rows
 PARTIAL_STATUS_INDEXES = {
     "ix_inbox_pending": "status = 'pending'",
+    "ix_inbox_flooded": "status = 'flooded'",
     "ix_outbox_pending": "status = 'pending'",
     "ix_outbox_dead": "status = 'dead'",
 }
