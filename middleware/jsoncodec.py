@@ -3,7 +3,7 @@
 orjson takes about a tenth of json's time on the rows every message writes and the bodies posted to
 platforms. It refuses integers past 64 bits (json writes them; a platform's payload may hold one) and
 reads such integers as floats: `dumps` falls back to json for the first, `loads` reads text with a
-20-digit run with json, so every number comes back exact and of its type.
+19-digit run with json, so every number comes back exact and of its type.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from typing import Any
 
 import orjson
 
-#: the shortest digit run that can be an integer orjson would not read exactly (2**64 has 20 digits)
-_LONG_DIGITS = re.compile(r"\d{20}")
+#: the shortest digit run that can be an integer orjson would not read exactly: below -2**63 (19
+#: digits: -9223372036854775809 comes back a float) or past 2**64 - 1
+LONG_DIGITS = re.compile(r"\d{19}")
+LONG_DIGITS_BYTES = re.compile(rb"\d{19}")
 
 
 def dumps(value: Any) -> bytes:
@@ -28,6 +30,6 @@ def dumps(value: Any) -> bytes:
 
 def loads(text: str | bytes) -> Any:
     """JSON we wrote (`dumps`); not for input from outside (platforms.base.loads_json checks that)."""
-    if _LONG_DIGITS.search(text if isinstance(text, str) else text.decode()):
+    if (LONG_DIGITS.search(text) if isinstance(text, str) else LONG_DIGITS_BYTES.search(text)) is not None:
         return json.loads(text)
     return orjson.loads(text)

@@ -109,12 +109,24 @@ async def test_accept_single_and_batch_keep_unicode_text(store: Store) -> None:
 async def test_payload_numbers_come_back_exact_past_64_bits(store: Store) -> None:
     """A platform's payload may hold integers past 64 bits (stdlib JSON at the edge keeps them):
     the store's fast JSON must neither refuse them nor read them back as floats."""
-    payload = {"big": 2**70, "negative": -(2**65), "id": 12345678901234567890, "ratio": 0.1, "digits": "9" * 25}
+    payload = {
+        "big": 2**70,
+        "negative": -(2**65),
+        "id": 12345678901234567890,
+        "ratio": 0.1,
+        "digits": "9" * 25,
+    }
     message = dataclasses.replace(inbound(1), payload=payload)
-    assert await store.accept([message]) == [True]
-    (pending,) = await store.pending_messages(key())
+    # alone in their documents (a longer run elsewhere would send the whole text to json):
+    # 19 digits, just past 64 bits either way, which orjson would read as floats
+    edges = [-(2**63) - 1, -(2**63), 2**63, 2**64 - 1, 2**64]
+    alone = [dataclasses.replace(inbound(n + 2), payload={"n": value}) for n, value in enumerate(edges)]
+    assert await store.accept([message, *alone]) == [True] * (1 + len(edges))
+    pending, *rest = await store.pending_messages(key())
     assert pending.inbound.payload == payload
     assert all(type(pending.inbound.payload[k]) is type(v) for k, v in payload.items())
+    assert [p.inbound.payload["n"] for p in rest] == edges
+    assert all(type(p.inbound.payload["n"]) is int for p in rest)
 
 
 async def test_group_commit_groups_concurrent_accepts(store: Store) -> None:
