@@ -38,6 +38,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar, Protocol
 
 import httpx
+import orjson
 from pydantic import BaseModel, ConfigDict
 
 from middleware import jsoncodec
@@ -254,6 +255,25 @@ def loads_json(raw: bytes | str) -> Any:
     float range (no peer can read them back), an integer of more than 4300 digits, or an unpaired UTF-16
     surrogate (no database stores one)."""
     body = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    if jsoncodec.LONG_DIGITS_BYTES.search(body) is None:
+        # orjson first (a tenth of json's time on a webhook). It refuses all that json is made to
+        # refuse here (NaN, Infinity, numbers past float range, unpaired surrogates, bad UTF-8) and
+        # more (a BOM, UTF-16): on any error the text goes the stdlib's way, for its exact message.
+        # It would read an integer past 64 bits as a float: such text has a 19-digit run, and skips it.
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
+        else:
+            if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and json_depth(body, data) > MAX_JSON_DEPTH:
+                raise Rejected(400, f"JSON nested too deeply: more than {MAX_JSON_DEPTH} levels")
+            return data
+    return loads_json_stdlib(body)
+
+
+def loads_json_stdlib(body: bytes) -> Any:
+    """`loads_json` with the standard library's parser alone (UTF-16 and -32, a BOM, integers of any
+    size), and its messages for what is refused."""
     try:
         data = _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))  # = json.loads
     except UnicodeDecodeError as exc:

@@ -11,7 +11,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from middleware.engine.flow import Resources
 from middleware.flood import SenderLimiter
 from middleware.logs import JsonFormatter, KeyValueFormatter, redact
 from middleware.model import ConversationState, Inbound, Sender
-from middleware.platforms.base import MAX_JSON_DEPTH, Rejected, loads_json
+from middleware.platforms.base import MAX_JSON_DEPTH, Rejected, loads_json, loads_json_stdlib
 from tests.conftest import REPO
 from tests.security.conftest import ADMIN_TOKEN, ThreadedApp, hostile_config, sync_client
 from tests.security.targets import BY_NAME, SECRETS, TARGETS
@@ -223,6 +223,58 @@ def test_json_depth_limit() -> None:
     # brackets inside strings (escaped quotes too) are text, not nesting
     text = json.dumps({"t": '\\"[' * 500, "u": "{" * 500}).encode()
     assert loads_json(text)["u"] == "{" * 500
+
+
+#: bodies on both sides of every line the edge draws (orjson reads most of them first; what it
+#: refuses, or would read differently, goes to the stdlib parser and its exact message)
+EDGE_BODIES = [
+    b'{"message_id":"m-1","conversation_id":"c-1","sender":{"id":"u-1"},"type":"text","text":"hi"}',
+    b' [1, 2.5, -0, 1e-400, 1.7976931348623157e308, true, null, "\\u00e9\\ud83d\\ude00"] ',
+    b'{"a":1,"a":2}',
+    b'{"id":9223372036854775807,"low":-9223372036854775808,"u":18446744073709551615}',
+    b'{"id":-9223372036854775809}',
+    b'{"id":18446744073709551616}',
+    b'{"digits":"1234567890123456789","n":1}',
+    b'{"a":1e400}',
+    b'{"a":-1e400}',
+    b'{"a":NaN}',
+    b'{"a":Infinity}',
+    b'{"a":"\\ud800"}',
+    b'{"a":"\xed\xa0\x80"}',
+    b'{"a":"\xff"}',
+    b'\xef\xbb\xbf{"bom":true}',
+    '{"utf16":"\u00e9"}'.encode("utf-16"),
+    b'{"a":"tab\there"}',
+    b'{"a":1} trailing',
+    b'{"a":',
+    b"",
+    b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH,
+    b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1),
+    b"[" * 2000 + b"]" * 2000,
+]
+
+
+@pytest.mark.parametrize("body", EDGE_BODIES, ids=range(len(EDGE_BODIES)))
+def test_fast_json_at_the_edge_reads_exactly_what_the_stdlib_reading_does(body: bytes) -> None:
+    """`loads_json` reads with orjson where it can: the values (and their types) and the refusals
+    must be those of the standard library's reading with the edge's own checks."""
+
+    def outcome(read: Callable[[bytes], object]) -> tuple[str, object]:
+        try:
+            value = read(body)
+        except Rejected as exc:
+            return "rejected", (exc.status, exc.message)
+        return "read", (value, json.dumps(value, sort_keys=True, default=repr), _types(value))
+
+    assert outcome(loads_json) == outcome(loads_json_stdlib)
+
+
+def _types(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: _types(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_types(v) for v in value]
+    return type(value).__name__
 
 
 # -- flood control -------------------------------------------------------------------------------------------
