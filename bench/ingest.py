@@ -10,7 +10,8 @@ service). The dispatcher's place is taken by `Taken`, which counts what the ingr
 applies the same backlog limit (503 past `dispatch.max_backlog`).
 
 The process is tuned as `switchboard serve` tunes itself (uvloop, its httptools protocol that writes
-each answer in one piece, no access log, the same garbage-collector settings).
+each answer in one piece, no access log, the same garbage-collector settings, the GIL's switch
+interval following the backlog: middleware/runtime.py).
 """
 
 from __future__ import annotations
@@ -28,12 +29,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from middleware.app import SwitchboardApp
-from middleware.cli import tune_gc
 from middleware.dispatch import Dispatcher
 from middleware.flood import SenderLimiter
 from middleware.ingress import Ingress
 from middleware.metrics import Metrics
 from middleware.platforms import PLATFORM_TYPES
+from middleware.runtime import SwitchInterval, tune
 from middleware.server_protocol import OneWriteHttpToolsProtocol
 from middleware.settings import load_settings
 from middleware.store import PendingMessage, Store
@@ -48,6 +49,7 @@ class Taken:
         self.notified = 0
         self.accepting = True
         self.crowded = False
+        self.switch_interval = SwitchInterval()
 
     @property
     def overloaded(self) -> bool:
@@ -58,6 +60,7 @@ class Taken:
 
     def accepted(self, n: int) -> None:
         self.backlog += n
+        self.switch_interval.load(self.backlog)
 
 
 def build() -> SwitchboardApp:
@@ -94,7 +97,7 @@ def build() -> SwitchboardApp:
 
     routes = [Route("/webhooks/{name}", webhook), Route("/healthz", healthz)]
     app = SwitchboardApp(routes=routes, lifespan=lifespan)
-    tune_gc()
+    tune()
     return app
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import json
 import logging
 import socket
@@ -112,20 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     return asyncio.run(_chat(args))
 
 
-def tune_gc() -> None:
-    """Garbage collection for a long-running server: what is loaded by now (modules, flows, the
-    app) is frozen out of every future scan, and the young generation is collected after 20,000
-    allocations instead of 700. Under load this took 13-28 % off the CPU time per message
-    (bench/README.md): the default thresholds ran a collection every few requests."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20_000, 50, 100)
-
-
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from middleware import logs
+    from middleware import logs, runtime
     from middleware.app import create_app
     from middleware.server_protocol import OneWriteHttpToolsProtocol
     from middleware.settings import load_settings
@@ -146,7 +135,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
-    tune_gc()
+    runtime.tune()
     # Bind before the lifespan starts: a second `serve` on a port in use must not start working
     # (claiming leases as this node) before it finds out it cannot listen.
     try:

@@ -45,6 +45,7 @@ from middleware.model import ConversationState
 from middleware.notify import Bus, Signal
 from middleware.outbox import Outbox
 from middleware.platforms.base import Platform
+from middleware.runtime import SwitchInterval
 from middleware.settings import DispatchSettings
 from middleware.store import Lease, LeaseLost, OutboxItem, PendingMessage, Store, StoreUnavailable
 from middleware.turn import TurnRunner
@@ -82,6 +83,8 @@ class Dispatcher:
         self.owner = node.owner if node is not None else node_id
         self.bus = bus
         self.backlog = 0
+        #: the GIL's hand-over follows the backlog (middleware/runtime.py)
+        self.switch_interval = SwitchInterval()
         #: set while the backlog is below `hold_backlog` (webhooks answered at once)
         self._room = asyncio.Event()
         self._room.set()
@@ -143,6 +146,7 @@ class Dispatcher:
         self._measure_room()
 
     def _measure_room(self) -> None:
+        self.switch_interval.load(self.backlog)
         limit = self.settings.hold_backlog
         if limit is None or self.backlog < limit:
             self._room.set()
