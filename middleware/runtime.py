@@ -6,8 +6,10 @@ PostgreSQL round trip) and, while the event loop holds it, waits up to the switc
 it back, so one group commit could take several intervals. A short interval hands the GIL back
 sooner (lower latency); a long one lets each side run longer and lets commits grow (less CPU per
 message). Measured at saturation and at half that rate (bench/README.md): 2 ms throughout took the
-webhook-to-reply p99 at half rate from 25-33 ms to 14-16 ms but cost 7-18 % of the replies per
-second at saturation; switching to CPython's 5 ms only while a backlog waits kept both.
+webhook-to-reply p99 at half rate from 25-47 ms to 14-16 ms but cost 7-18 % of the replies per
+second at saturation. CPython's 5 ms only while more than 128 messages wait for their turns kept
+saturation as it was, with the p99 at half rate at ~22 ms; a mark of 32 was crossed by the bursts
+of a sender at half rate too, and gave up most of the gain.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import sys
 QUICK = 0.002
 #: while messages wait for their turns: CPython's default, for bigger commits and fewer switches
 BATCHING = 0.005
-#: accepted messages waiting for a turn above which the service counts as busy
-BUSY_BACKLOG = 32
+#: accepted messages waiting for a turn above which the service counts as busy (turns falling behind,
+#: not a burst; `dispatch.hold_backlog`, where webhooks start to wait, is 256 by default)
+BUSY_BACKLOG = 128
 
 
 def tune() -> None:
