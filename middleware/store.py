@@ -276,11 +276,11 @@ class OutboxItem:
 def idempotency_key(platform: str, message_id: str, n: int | str, inbox_id: int | None = None) -> str:
     """Stable across retries, restarts and re-run turns: derived from the message it answers.
 
-    40 hex digits. With `inbox_id` (the stored message's id: the same for every run of its turn,
-    on any node) the key starts with it, so the outbox's unique index takes each new row at its
-    right edge, on the one page the last commit wrote already; a hash alone lands every row on a
-    random leaf, one more page written per reply (bench/README.md). Keys of rows already stored
-    never change: the outbox sends the key its row holds."""
+    40 hex digits (more past 2**48 stored messages). With `inbox_id` (the stored message's id: the
+    same for every run of its turn, on any node) the key starts with it, so the outbox's unique
+    index takes each new row at its right edge, on the one page the last commit wrote already; a
+    hash alone lands every row on a random leaf, one more page written per reply (bench/README.md).
+    Keys of rows already stored never change: the outbox sends the key its row holds."""
     digest = hashlib.sha256(f"{platform}\x00{message_id}\x00{n}".encode()).hexdigest()
     if inbox_id is None:
         return digest[:40]
@@ -1164,32 +1164,24 @@ class Store:
 
 #: how far back a preview looks through a conversation's handled messages for one a user sent
 PREVIEW_DEPTH = 50
+#: how far back the conversation view walks: every message in practice; a bound all the same, so a
+#: walk ends whatever the links say (a row is linked once, when it is handled, so they make no cycle)
+VIEW_DEPTH = 1_000_000
 
 
-def _message_ids(keys: Sequence[str], depth: int | None = None) -> Subquery:
+def _message_ids(keys: Sequence[str], depth: int = VIEW_DEPTH) -> Subquery:
     """The inbox ids of these conversations' messages: the handled ones by their chain (back from
-    `conversation.last_inbox_id`, by primary key; `depth`: at most that many links), the pending
-    and flooded ones by their partial indexes."""
+    `conversation.last_inbox_id`, by primary key, at most `depth` links), the pending and flooded
+    ones by their partial indexes."""
     c, i = CONVERSATION.c, INBOX.c
     keys = list(keys)
-    if depth is None:  # every link; UNION (not ALL) stops at a row seen already, whatever the links say
-        chain = (
-            select(c.key.label("k"), c.last_inbox_id.label("id"))
-            .where(c.key.in_(keys), c.last_inbox_id.is_not(None))
-            .cte("chain", recursive=True)
-        )
-        link = select(chain.c.k, i.prev_id).join(chain, i.id == chain.c.id)
-        chain = chain.union(link.where(i.prev_id.is_not(None), i.conversation_key == chain.c.k))
-    else:
-        chain = (
-            select(c.key.label("k"), c.last_inbox_id.label("id"), literal(0).label("depth"))
-            .where(c.key.in_(keys), c.last_inbox_id.is_not(None))
-            .cte("chain", recursive=True)
-        )
-        link = select(chain.c.k, i.prev_id, chain.c.depth + 1).join(chain, i.id == chain.c.id)
-        chain = chain.union_all(
-            link.where(i.prev_id.is_not(None), i.conversation_key == chain.c.k, chain.c.depth < depth)
-        )
+    chain = (
+        select(c.key.label("k"), c.last_inbox_id.label("id"), literal(0).label("depth"))
+        .where(c.key.in_(keys), c.last_inbox_id.is_not(None))
+        .cte("chain", recursive=True)
+    )
+    link = select(chain.c.k, i.prev_id, chain.c.depth + 1).join(chain, i.id == chain.c.id)
+    chain = chain.union_all(link.where(i.prev_id.is_not(None), i.conversation_key == chain.c.k, chain.c.depth < depth))
     waiting = [select(i.id).where(i.conversation_key.in_(keys), i.status == status) for status in (PENDING, FLOODED)]
     return union(select(chain.c.id), *waiting).subquery("messages")
 

@@ -265,9 +265,7 @@ def loads_json(raw: bytes | str) -> Any:
         except orjson.JSONDecodeError:
             pass
         else:
-            if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and json_depth(body, data) > MAX_JSON_DEPTH:
-                raise Rejected(400, f"JSON nested too deeply: more than {MAX_JSON_DEPTH} levels")
-            return data
+            return _within_depth(body, data)
     return loads_json_stdlib(body)
 
 
@@ -286,14 +284,20 @@ def loads_json_stdlib(body: bytes) -> Any:
         raise Rejected(400, f"JSON nested too deeply: more than {MAX_JSON_DEPTH} levels") from exc
     except ValueError as exc:  # an integer longer than Python converts (4300 digits)
         raise Rejected(400, f"malformed JSON: {str(exc)[:80]}") from exc
-    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and json_depth(body, data) > MAX_JSON_DEPTH:
-        raise Rejected(400, f"JSON nested too deeply: more than {MAX_JSON_DEPTH} levels")
+    _within_depth(body, data)
     # json.loads lets unpaired surrogates (\ud800 escapes, or raw with UTF-16/32) through; no database stores them
     if _SURROGATE.search(body) or 0 in body[:4]:
         try:
             json_bytes(data)
         except UnicodeEncodeError as exc:
             raise Rejected(400, "malformed JSON: unpaired UTF-16 surrogate (\\ud800-\\udfff)") from exc
+    return data
+
+
+def _within_depth(body: bytes, data: Any) -> Any:
+    """`data`, or `Rejected` 400 if the document nests deeper than `MAX_JSON_DEPTH`."""
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and json_depth(body, data) > MAX_JSON_DEPTH:
+        raise Rejected(400, f"JSON nested too deeply: more than {MAX_JSON_DEPTH} levels")
     return data
 
 
