@@ -8,6 +8,8 @@ import dataclasses
 import logging
 import re
 import socket
+import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -157,6 +159,78 @@ async def test_a_failing_operation_does_not_fail_the_others_in_its_batch(store: 
     assert await store.pending_count() == 40
 
 
+async def test_a_failing_brief_operation_does_not_fail_the_others_in_its_batch(store: Store) -> None:
+    """On SQLite brief ops run on the loop's thread: one raising there sends the batch to the writer
+    thread, which isolates it; the others are stored once."""
+
+    def boom(conn: object) -> None:
+        raise RuntimeError("boom")
+
+    results = await asyncio.gather(
+        *(store.accept([inbound(i)]) for i in range(20)),
+        store.run(boom, brief=True),
+        *(store.accept([inbound(i)]) for i in range(20, 40)),
+        return_exceptions=True,
+    )
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert len(errors) == 1 and isinstance(errors[0], RuntimeError)
+    assert [r for r in results if not isinstance(r, BaseException)] == [[True]] * 40
+    assert await store.pending_count() == 40
+    assert await store.accept([inbound(7)]) == [False]
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+async def test_sqlite_runs_brief_ops_on_the_loop_and_the_rest_on_the_writer_thread(store: Store) -> None:
+    def where(conn: object) -> str:
+        return threading.current_thread().name
+
+    loop_thread = threading.current_thread().name
+    assert await store.run(where, brief=True) == loop_thread
+    assert await store.run(where) == "store-writer"
+    # a batch holding one op that is not brief runs whole on the writer thread
+    together = await asyncio.gather(store.run(where, brief=True), store.run(where), store.run(where, brief=True))
+    assert together == ["store-writer"] * 3
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+async def test_sqlite_write_lock_held_by_another_process_never_blocks_the_loop(store: Store) -> None:
+    """Another process (a CLI command) holding the write lock: the batch waits on the writer
+    thread, the loop keeps running, and the batch commits once the lock is free."""
+    path = store.url.split("///", 1)[1]
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        accepting = asyncio.ensure_future(store.accept([inbound(1)]))
+        ticks = 0
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert ticks == 20 and not accepting.done(), "the accept waits for the lock, the loop does not"
+        other.execute("COMMIT")
+        assert await asyncio.wait_for(accepting, 30) == [True]
+    finally:
+        other.close()
+    assert await store.accept([inbound(1), inbound(2)]) == [False, True]  # the loop's path again
+
+
+async def test_close_commits_what_was_submitted(store_url: str) -> None:
+    store = Store(store_url)
+    await store.start()
+    lease = await claimed(store, "node-a")
+    await store.accept([inbound(1)])
+    await turn(store, lease, ["one", "two"])
+    rows = await store.due_outbox(key())
+    for row in rows:
+        store.mark_sent_soon(row.id)
+    await store.close()
+    again = Store(store_url)
+    await again.start()
+    try:
+        assert await again.due_outbox(key()) == []
+    finally:
+        await again.close()
+
+
 # -- claim / lease / fencing ---------------------------------------------------------------------
 
 
@@ -265,12 +339,17 @@ async def test_sent_marks_in_one_batch_share_one_statement(store: Store) -> None
             dbapi_connection.set_trace_callback(statements.append)
 
     event.listen(store.engine, "checkout", trace)
+    held = store._conn  # SQLite: the connection the loop's batches keep (checked out once, at start)
+    if held is not None:
+        trace(held.connection.dbapi_connection)
     try:
         for row in rows[:3]:
             store.mark_sent_soon(row.id)  # queued before the writer wakes: one batch
         assert [i.id for i in await store.due_outbox(key())] == [rows[3].id]
     finally:
         event.remove(store.engine, "checkout", trace)
+        if held is not None:
+            held.connection.dbapi_connection.set_trace_callback(None)  # type: ignore[union-attr]
     row = await store.conversation(key())
     assert row is not None
     assert [r["status"] for r in row["outbox"]] == ["sent", "sent", "sent", "pending"]
