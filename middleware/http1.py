@@ -23,7 +23,7 @@ import os
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -58,8 +58,7 @@ class Answer:
         return self.content.decode("utf-8", "replace")
 
 
-@dataclass(frozen=True)
-class Origin:
+class Origin(NamedTuple):  # a dict key on every request: a tuple's hash is C's, a dataclass's Python's
     scheme: str
     host: str
     port: int
@@ -77,6 +76,7 @@ class _Connection(asyncio.Protocol):
     reused: bool = False
     _answer: asyncio.Future[Answer] | None = None
     _parser: Any = None
+    _loop: asyncio.AbstractEventLoop | None = None
     _status: int = 0
     _headers: dict[str, str] = field(default_factory=dict)
     _body: list[bytes] = field(default_factory=list)
@@ -88,9 +88,10 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not its subclasses
+        self._loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
-        if self._parser is None:  # bytes nobody asked for: the connection is not in a sane state
+        if self._answer is None:  # bytes before any request: the connection is not in a sane state
             self.close()
             return
         self._got_bytes = True
@@ -146,9 +147,10 @@ class _Connection(asyncio.Protocol):
     # -- use --------------------------------------------------------------------------------------
 
     def send(self, request: bytes) -> asyncio.Future[Answer]:
-        assert self.transport is not None
-        self._answer = asyncio.get_running_loop().create_future()
-        self._parser = httptools.HttpResponseParser(self)
+        assert self.transport is not None and self._loop is not None
+        self._answer = self._loop.create_future()
+        if self._parser is None:  # one parser for the connection's answers, one after the other
+            self._parser = httptools.HttpResponseParser(self)
         self._status, self._headers, self._body, self._size, self._got_bytes = 0, {}, [], 0, False
         self.transport.write(request)
         return self._answer
