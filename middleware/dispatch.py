@@ -32,7 +32,6 @@ lease (a long pause, a partition) therefore never sends what its successor now o
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import itertools
 import logging
@@ -55,6 +54,8 @@ log = logging.getLogger("switchboard.dispatch")
 #: signal channels (middleware/notify.py)
 WAKE = "wake"
 FREE = "free"
+#: inbox ids a held conversation remembers as handled (a hint can only repeat a recent one)
+RECENT = 64
 
 
 class Dispatcher:
@@ -116,8 +117,9 @@ class Dispatcher:
         self._stale: set[str] = set()
         #: lingering conversations whose linger is over: release the lease if nothing is pending
         self._expired: set[str] = set()
-        #: per held lease, the inbox ids whose turns were stored lately (a hint may repeat one)
-        self._recent: dict[str, collections.deque[int]] = {}
+        #: per held lease, the inbox ids whose turns were stored lately (a hint may repeat one), oldest
+        #: first: a dict as an ordered set, at most RECENT ids
+        self._recent: dict[str, dict[int, None]] = {}
         self._background: set[asyncio.Task[object]] = set()
         self.stats = {"woken": 0, "wakes_sent": 0, "handed_back": 0, "taken_free": 0}
         if bus is not None:
@@ -259,7 +261,7 @@ class Dispatcher:
             self._fresh.discard(key)
             self._held[key] = lease
             self._until[key] = asked + self.settings.lease_seconds
-            self._recent[key] = collections.deque(maxlen=64)
+            self._recent[key] = {}
             self._stale.discard(key)  # the claim read the pending messages
             await self._run_claimed(lease, platform)
         except LeaseLost:
@@ -301,7 +303,7 @@ class Dispatcher:
                     continue
                 state, added = done
                 worked = True
-                self._recent.setdefault(key, collections.deque(maxlen=64)).extend(p.inbox_id for p in batch)
+                self._handled(key, batch)
                 lease = Lease(lease.key, lease.owner, lease.epoch, state)
                 self.backlog = max(0, self.backlog - len(batch))
                 self._measure_room()
@@ -344,9 +346,18 @@ class Dispatcher:
         hints = self._hints.pop(key, None)
         if not hints:
             return messages
-        recent = self._recent.get(key, ())
+        recent = self._recent.get(key, {})
+        if not messages and len(hints) == 1:  # the usual case: one new message, nothing read
+            return [] if hints[0].inbox_id in recent else hints
         merged = {m.inbox_id: m for m in (*messages, *hints) if m.inbox_id not in recent}
         return [merged[i] for i in sorted(merged)]
+
+    def _handled(self, key: str, batch: list[PendingMessage]) -> None:
+        recent = self._recent.setdefault(key, {})
+        for p in batch:
+            recent[p.inbox_id] = None
+        while len(recent) > RECENT:
+            del recent[next(iter(recent))]
 
     def _linger(self, lease: Lease, worked: bool) -> bool:
         """Keep the lease for `linger_seconds` after a run that worked (True), unless the linger is
