@@ -294,6 +294,11 @@ class ConversationState:
     handoff: dict[str, Any] | None = None
     #: `on: conversation.started` has had its moment (a platform's own event, or the first message)
     started: bool = False
+    #: names of the timers the turns armed and did not cancel since: a superset of the conversation's
+    #: pending timers (one that fired stays here until a turn cancels it), so a turn cancels only
+    #: these and skips the store's UPDATE when none is armed; None: not known (a state stored
+    #: before this was kept), every cancel goes to the store
+    timers: list[str] | None = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -309,6 +314,7 @@ class ConversationState:
             "history": self.history,
             "handoff": self.handoff,
             "started": self.started,
+            "timers": self.timers,
         }
 
     @classmethod
@@ -329,6 +335,7 @@ class ConversationState:
             handoff=data.get("handoff"),
             # stored before this key existed: a conversation with turns had its start
             started=bool(data.get("started", int(data.get("turns", 0)) > 0)),
+            timers=[str(t) for t in data["timers"]] if isinstance(data.get("timers"), list) else None,
         )
 
     def copy(self) -> ConversationState:
@@ -347,6 +354,7 @@ class ConversationState:
             history=list(self.history),  # its entries are never changed in place: appended, or cut off
             handoff=None if self.handoff is None else _copy_json(self.handoff),
             started=self.started,
+            timers=None if self.timers is None else list(self.timers),
         )
 
 

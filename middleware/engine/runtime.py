@@ -110,7 +110,7 @@ class Engine:
             new,
             tuple(ctx.trace),
             tuple(ctx.timers),
-            tuple(dict.fromkeys(ctx.cancel_timers)),
+            _cancels(new, ctx.cancel_timers, ctx.timers),
             tuple(ctx.transitions),
         )
 
@@ -305,6 +305,17 @@ def _first_match(routes: tuple[Route, ...], ctx: TurnContext) -> Route | None:
         if route.when is None or route.when.test(ctx):
             return route
     return None
+
+
+def _cancels(state: ConversationState, cancelled: list[str], armed: list[Timer]) -> tuple[str, ...]:
+    """The timers the turn cancels that may be pending (all when not known); records in `state`
+    what stays armed: the names it had, less those cancelled, plus those armed now."""
+    names = tuple(dict.fromkeys(cancelled))
+    if state.timers is None:
+        return names
+    names = tuple(n for n in names if n in state.timers)
+    state.timers = sorted({n for n in state.timers if n not in names} | {t.name for t in armed})
+    return names
 
 
 def _remember(state: ConversationState, role: str, text: str) -> None:
