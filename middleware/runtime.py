@@ -1,15 +1,15 @@
 """The interpreter tuned for a long-running server: garbage collection and the GIL's hand-over.
 
 `tune()` runs once, when `switchboard serve` has loaded everything. `SwitchInterval` then follows
-the load: the store's writer thread gives the GIL up around every SQLite statement (and every
-PostgreSQL round trip) and, while the event loop holds it, waits up to the switch interval to get
-it back, so one group commit could take several intervals. A short interval hands the GIL back
-sooner (lower latency); a long one lets each side run longer and lets commits grow (less CPU per
-message). Measured at saturation and at half that rate (bench/README.md): 2 ms throughout took the
-webhook-to-reply p99 at half rate from 25-47 ms to 14-16 ms but cost 7-18 % of the replies per
-second at saturation. CPython's 5 ms only while more than 128 messages wait for their turns kept
-saturation as it was, with the p99 at half rate at ~22 ms; a mark of 32 was crossed by the bursts
-of a sender at half rate too, and gave up most of the gain.
+the load: the store's writer thread gives the GIL up around every COMMIT (on PostgreSQL around every
+round trip) and, while the event loop holds it, waits up to the switch interval to get it back
+before the batch's callers wake. A short interval hands the GIL back sooner (lower latency); a long
+one lets each side run longer and lets commits grow (less CPU per message). Measured at saturation
+and at half that rate (bench/README.md), when the writer thread still ran SQLite's statements too:
+2 ms throughout took the webhook-to-reply p99 at half rate from 25-47 ms to 14-16 ms but cost 7-18 %
+of the replies per second at saturation. CPython's 5 ms only while more than 128 messages wait for
+their turns kept saturation as it was, with the p99 at half rate at ~22 ms; a mark of 32 was crossed
+by the bursts of a sender at half rate too, and gave up most of the gain.
 """
 
 from __future__ import annotations
