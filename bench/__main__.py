@@ -1,7 +1,8 @@
 """`python -m bench`: run the scenarios N times, print median (min..max) and ratios to bare, save JSON.
 
-Every repeat measures the bare Starlette endpoint first, and every other scenario's headline figure is
-divided by that repeat's bare req/s: the machine is shared and noisy, so only same-run ratios compare.
+Every repeat measures the bare Starlette endpoint first and again after each other scenario, and that
+scenario's headline figure is divided by the mean of the two bare req/s around it: the machine is
+shared and noisy (its speed drifts within a minute), so only ratios to a bracketing bare compare.
 """
 
 from __future__ import annotations
@@ -125,11 +126,26 @@ def run_all(args: argparse.Namespace, workdir: Path) -> list[report.Repeat]:
         log(f"repeat {i + 1}/{args.runs}")
         opts = options(args, workdir)
         repeat: report.Repeat = {}
-        for name in names:
+        before: float | None = None
+        for n, name in enumerate(names):
             repeat[name] = run_one(name, with_workdir(opts, workdir / f"r{i + 1}-{name}"))
             _say_problem(name, repeat[name], first=i == 0)
+            if name == "bare":
+                before = _req_s(repeat[name])
+                continue
+            # bare again after each scenario: the scenario's base is the mean of the two around it
+            after = run_one("bare", with_workdir(opts, workdir / f"r{i + 1}-bare-{n}"))
+            bracket = report.bracket(before, _req_s(after))
+            if bracket is not None and "error" not in repeat[name] and "skipped" not in repeat[name]:
+                repeat[name] = {**repeat[name], **bracket}
+            before = _req_s(after)
         repeats.append(repeat)
     return repeats
+
+
+def _req_s(result: dict[str, Any]) -> float | None:
+    value = result.get("req_s")
+    return float(value) if value is not None else None
 
 
 def _say_problem(name: str, result: dict[str, Any], first: bool) -> None:

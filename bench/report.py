@@ -47,11 +47,26 @@ def summarize(repeats: Sequence[Repeat], headline: Mapping[str, str]) -> dict[st
     return summary
 
 
+def bracket(before: float | None, after: float | None) -> dict[str, float] | None:
+    """A scenario's base: the bare req/s measured just before and just after it, and their mean
+    (`bare_req_s`, what its ratio divides by); `bare_drift`: after / before, how far the machine's
+    speed moved meanwhile."""
+    if before is None or after is None or before <= 0 or after <= 0:
+        return None
+    return {
+        "bare_before_req_s": before,
+        "bare_after_req_s": after,
+        "bare_req_s": (before + after) / 2,
+        "bare_drift": after / before,
+    }
+
+
 def _ratio(repeat: Repeat, scenario: str, key: str) -> float:
     mine, base = figures(repeat, scenario), figures(repeat, "bare")
     if mine is None or base is None:
         return math.nan
-    return ratio(mine.get(key, math.nan), base.get("req_s", math.nan))
+    # bracketed by bare runs on both sides (bench/__main__.py), else the repeat's first bare
+    return ratio(mine.get(key, math.nan), mine.get("bare_req_s", base.get("req_s", math.nan)))
 
 
 def _scenarios(repeats: Sequence[Repeat]) -> list[str]:
