@@ -65,6 +65,10 @@ log = logging.getLogger("switchboard.store")
 T = TypeVar("T")
 
 
+#: SQLite: the most operations one batch runs on the event loop's thread (~40 us each in a turn's
+#: commit): a backlog is taken in slices of this, so the loop never stops for more than a few ms
+LOOP_BATCH = 128
+
 #: the rows still to work on (messages, deliveries), the dead letters and the flooded messages (never
 #: handled, so not in a conversation's chain of handled ones): the only ones indexed by status.
 #: Partial indexes: a row leaving the state leaves the index, so the indexes stay as small as the
@@ -427,19 +431,21 @@ class Store:
         if self._in_flight or not self._waiting:
             return
         assert self._settled is not None
-        count = min(self.batch_max, len(self._waiting))
+        count = min(self.batch_max, LOOP_BATCH, len(self._waiting))
         items = [self._waiting.popleft() for _ in range(count)]
         batch = [(op, fut) for op, fut, _ in items]
         self._in_flight = True
         self._settled.clear()
         if all(brief for *_, brief in items):
-            conn = self._held()
+            conn: Connection | None = None
             try:
+                conn = self._held()
                 results = self._statements(conn, batch) if self._begin(conn) else None
             except Exception:  # one op failed, or the database: the writer thread runs the batch again
-                self._discard(conn)
+                if conn is not None:
+                    self._discard(conn)
                 results = None
-            if results is not None:
+            if conn is not None and results is not None:
                 self._jobs.put(functools.partial(self._commit, conn, batch, results))
                 return
         self._jobs.put(functools.partial(self._thread_batch, batch))
