@@ -78,6 +78,9 @@ class Dispatcher:
         self.platforms = platforms
         self.settings = settings
         self.metrics = metrics
+        # read when scraped: set on every change they cost a lock each, four times a message
+        metrics.backlog.set_function(lambda: self.backlog)
+        metrics.active.set_function(lambda: len(self._active))
         self.node_id = node_id
         self.node = node
         #: the lease owner written on conversations: unique per process (middleware/cluster.py)
@@ -144,7 +147,6 @@ class Dispatcher:
 
     def accepted(self, n: int) -> None:
         self.backlog += n
-        self.metrics.backlog.set(self.backlog)
         self._measure_room()
 
     def _measure_room(self) -> None:
@@ -187,7 +189,6 @@ class Dispatcher:
         if fresh:
             self._fresh.add(key)
         self._active.add(key)
-        self.metrics.active.set(len(self._active))
         task = asyncio.create_task(self._actor(key), name=f"conversation {key}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -231,7 +232,6 @@ class Dispatcher:
                 self._hints.pop(key, None)
                 self._stale.discard(key)
             self._active.discard(key)
-            self.metrics.active.set(len(self._active))
             self._settle(key)
 
     async def _work(self, key: str) -> None:
@@ -318,7 +318,6 @@ class Dispatcher:
                     messages = self._merge(key, await self.store.pending_messages(key))
                 else:
                     messages = self._merge(key, messages)
-            self.metrics.backlog.set(self.backlog)
             retry_at = None if outbox_clear else await self.outbox.drain(key, platform, fence)
             if self.draining:
                 if retry_at is None and await self.store.release(lease):
@@ -565,7 +564,6 @@ class Dispatcher:
 
     async def resync_backlog(self) -> None:
         self.backlog = await self.store.pending_count()
-        self.metrics.backlog.set(self.backlog)
         self._measure_room()
 
     # -- shutdown ---------------------------------------------------------------------------

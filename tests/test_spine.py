@@ -243,6 +243,9 @@ async def test_duplicates_under_load_one_reply_each_in_order(
             assert metric(m, "switchboard_webhooks_total", platform="myapp", result="accepted") == total
             assert metric(m, "switchboard_webhooks_total", platform="myapp", result="duplicate") == (COPIES - 1) * total
             assert metric(m, "switchboard_deliveries_total", kind="message", status="sent") == total
+            # gauges read from the dispatcher when scraped
+            assert m[("switchboard_backlog", frozenset())] == services.dispatcher.backlog == 0
+            assert ("switchboard_active_conversations", frozenset()) in m
             print(
                 f"{store_url.split(':')[0]}: {totals['requests']} webhooks, peak {peak} in flight,"
                 f" sent in {sending:.1f}s, all replies in {elapsed:.1f}s"
