@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
@@ -64,6 +64,11 @@ from middleware.model import ConversationState, Inbound, Outgoing, Sender, Timer
 log = logging.getLogger("switchboard.store")
 T = TypeVar("T")
 
+
+#: an operation waiting for its batch, and the future its caller awaits (None: `submit`, nobody waits)
+_Item: TypeAlias = tuple[Callable[[Connection], Any], "asyncio.Future[Any] | None"]
+#: an operation's outcome, for its future: (future, result, error)
+_Outcome: TypeAlias = tuple["asyncio.Future[Any] | None", Any, BaseException | None]
 
 #: SQLite: the most operations one batch runs on the event loop's thread (~40 us each in a turn's
 #: commit): a backlog is taken in slices of this, so the loop never stops for more than a few ms
@@ -314,16 +319,15 @@ class Store:
         self.engine = _make_engine(self.url, durability)
         self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
         self._hot = HotSQL(self.dialect)
-        #: (op, the future its caller awaits; None when nobody waits for it: `submit`)
-        self._queue: queue.SimpleQueue[tuple[Callable[[Connection], Any], asyncio.Future[Any] | None] | None] = (
-            queue.SimpleQueue()
-        )
+        #: PostgreSQL (and SQLite in memory): what the writer thread takes, batch by batch (None: stop)
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         #: SQLite on a file: brief ops' statements run on the event loop's thread, the COMMIT (its
         #: fsync) on the writer thread (`_flush`); what else runs there comes through `_jobs`
         self._inline = self.dialect == "sqlite" and not _is_memory(self.url)
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        #: the operations waiting for the next batch, each with whether it is brief
         self._waiting: collections.deque[tuple[Callable[[Connection], Any], asyncio.Future[Any] | None, bool]] = (
             collections.deque()
         )
@@ -491,8 +495,8 @@ class Store:
     def _commit(
         self,
         conn: Connection,
-        batch: list[tuple[Callable[[Connection], Any], asyncio.Future[Any] | None]],
-        results: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]],
+        batch: list[_Item],
+        results: list[_Outcome],
     ) -> None:
         try:
             conn.commit()
@@ -504,15 +508,15 @@ class Store:
         self.operations += len(batch)
         self._landed(results)
 
-    def _thread_batch(self, batch: list[tuple[Callable[[Connection], Any], asyncio.Future[Any] | None]]) -> None:
+    def _thread_batch(self, batch: list[_Item]) -> None:
         self._landed(self._run_batch(batch))
 
-    def _landed(self, results: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]]) -> None:
+    def _landed(self, results: list[_Outcome]) -> None:
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # loop closed during shutdown
             self._loop.call_soon_threadsafe(self._done, results)
 
-    def _done(self, results: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]]) -> None:
+    def _done(self, results: list[_Outcome]) -> None:
         assert self._settled is not None
         self._in_flight = False
         _resolve(results)
@@ -555,11 +559,9 @@ class Store:
                 return
 
     @staticmethod
-    def _statements(
-        conn: Connection, batch: list[tuple[Callable[[Connection], Any], asyncio.Future[Any] | None]]
-    ) -> list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]]:
+    def _statements(conn: Connection, batch: list[_Item]) -> list[_Outcome]:
         """Run a batch's ops in the transaction open on `conn` (accepts and sent marks merged)."""
-        results: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]] = []
+        results: list[_Outcome] = []
         merged = _Accept.merged(conn, [op for op, _ in batch if isinstance(op, _Accept)])
         sent = _Sent.merged(conn, [op for op, _ in batch if isinstance(op, _Sent)])
         for op, fut in batch:
@@ -571,9 +573,7 @@ class Store:
                 results.append((fut, op(conn), None))
         return results
 
-    def _run_batch(
-        self, batch: list[tuple[Callable[[Connection], Any], asyncio.Future[Any] | None]]
-    ) -> list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]]:
+    def _run_batch(self, batch: list[_Item]) -> list[_Outcome]:
         """A batch in a transaction of its own on the calling thread (each op alone if one fails)."""
         try:
             with self.engine.begin() as conn:
@@ -1445,8 +1445,8 @@ def _lock_key(op: Callable[[Connection], Any]) -> str:
 
 
 def _lock_order(
-    batch: list[tuple[Callable[[Connection], Any], asyncio.Future[Any] | None]],
-) -> list[list[tuple[Callable[[Connection], Any], asyncio.Future[Any] | None]]]:
+    batch: list[_Item],
+) -> list[list[_Item]]:
     """The batch as transactions: its ops sorted by the conversation they lock (stable: one
     conversation's ops keep their order; ops without a key, reads mostly, first), then each op
     that locks many conversations in a transaction of its own. Every node's batches then lock
@@ -1462,7 +1462,7 @@ def _is_conflict(exc: BaseException) -> bool:
     return getattr(getattr(exc, "orig", None), "sqlstate", None) in ("40P01", "40001")
 
 
-def _resolve(results: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]]) -> None:
+def _resolve(results: list[_Outcome]) -> None:
     for fut, value, err in results:
         if fut is None:  # submitted: nobody waits
             if err is not None:
