@@ -133,10 +133,12 @@ def run_all(args: argparse.Namespace, workdir: Path) -> list[report.Repeat]:
             if name == "bare":
                 before = _req_s(repeat[name])
                 continue
+            if name not in HEADLINE or "error" in repeat[name] or "skipped" in repeat[name]:
+                continue  # no ratio to take: no bare run after it
             # bare again after each scenario: the scenario's base is the mean of the two around it
             after = run_one("bare", with_workdir(opts, workdir / f"r{i + 1}-bare-{n}"))
             bracket = report.bracket(before, _req_s(after))
-            if bracket is not None and "error" not in repeat[name] and "skipped" not in repeat[name]:
+            if bracket is not None:
                 repeat[name] = {**repeat[name], **bracket}
             before = _req_s(after)
         repeats.append(repeat)
