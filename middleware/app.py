@@ -14,9 +14,9 @@ import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from connectors import connector_class
 from connectors.rasa_actions import webhook as rasa_action_webhook
@@ -29,7 +29,7 @@ from middleware.helpdesk import HelpdeskWebhook
 from middleware.http1 import Http1Pool, SwitchboardClient
 from middleware.hub import LocalHub
 from middleware.hub_cluster import ClusterHub
-from middleware.ingress import Ingress
+from middleware.ingress import Ingress, webhook_name
 from middleware.logs import add_secrets, secret_values
 from middleware.metrics import Metrics, StoreCollector, observe_connectors
 from middleware.notify import Bus, LocalBus, PostgresBus
@@ -238,34 +238,25 @@ class SwitchboardApp(Starlette):
     Webhooks are nearly all of the traffic, and Starlette's error and exception middleware, its
     router (a regex per route, tried in order) and its per-route wrapper cost about as much as the
     ingress's own work on a message. A POST to `/webhooks/{name}` skips them; what the ingress
-    returns is the same, and an error it raises is answered 500 and logged as the stack would.
+    returns is the same (an unexpected error is its 500 and one log line: `Ingress.answer`).
     Everything else (other methods, sub-paths, every other route) takes the normal way.
+    `switchboard serve`'s own protocol goes further and skips ASGI for those POSTs
+    (middleware/server_protocol.py); this lane serves them under any other ASGI server.
     """
+
+    @property
+    def ingress(self) -> Ingress | None:
+        """The webhook ingress, once the lifespan has started it."""
+        return getattr(self.state, "ingress", None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
-            path: str = scope["path"]
-            ingress: Ingress | None = getattr(self.state, "ingress", None)
-            if ingress is not None and path.startswith("/webhooks/") and path.count("/") == 2 and len(path) > 10:
+            name = webhook_name(scope["path"])
+            ingress = self.ingress
+            if ingress is not None and name is not None:
                 scope["app"] = self
-                scope["path_params"] = {"name": path[10:]}
-                await _webhook_lane(ingress, scope, receive, send)
+                scope["path_params"] = {"name": name}
+                response = await ingress(Request(scope, receive))
+                await response(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
-
-
-async def _webhook_lane(ingress: Ingress, scope: Scope, receive: Receive, send: Send) -> None:
-    started = False
-
-    async def sending(message: Message) -> None:
-        nonlocal started
-        started = True
-        await send(message)
-
-    try:
-        response = await ingress(Request(scope, receive))
-        await response(scope, receive, sending)
-    except Exception:
-        log.exception("webhook failed", extra={"platform": scope["path_params"]["name"]})
-        if not started:
-            await PlainTextResponse("Internal Server Error", status_code=500)(scope, receive, send)

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
-import orjson
-from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
 
 from middleware.dispatch import Dispatcher
 from middleware.flood import SenderLimiter
+from middleware.jsoncodec import dumps
 from middleware.metrics import Metrics
 from middleware.model import Inbound
 from middleware.platforms.base import Platform, Rejected, WebhookRequest, id_problem, run_follow_ups
@@ -35,7 +37,39 @@ _NO_QUERY: Mapping[str, str] = MappingProxyType({})
 
 
 class TooLarge(Exception):
-    pass
+    """The body is larger than `server.max_body_bytes` (raised by a `BodyReader`)."""
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its body arrived (raised by a `BodyReader`)."""
+
+
+#: reads the request's body, at most `limit` bytes (TooLarge past them; ClientGone if the client left)
+BodyReader = Callable[[int], Awaitable[bytes]]
+
+JSON = b"application/json"
+TEXT = b"text/plain; charset=utf-8"
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What the ingress answers a webhook: status, body, its content type and any other headers.
+    The server writes it (middleware/server_protocol.py), or a Starlette route (`Answer.response`)."""
+
+    status: int
+    body: bytes
+    content_type: bytes = JSON
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def json(cls, value: Any, status: int = 200, headers: tuple[tuple[str, str], ...] = ()) -> Answer:
+        return cls(status, dumps(value), JSON, headers)
+
+    def response(self) -> Response:
+        return Response(self.body, self.status, dict(self.headers), self.content_type.decode("latin-1"))
+
+
+INTERNAL_ERROR = Answer(500, b"Internal Server Error", TEXT)
 
 
 class Ingress:
@@ -62,22 +96,72 @@ class Ingress:
         self._follow_ups: set[asyncio.Task[None]] = set()
 
     async def __call__(self, request: Request) -> Response:
+        """The webhook as a Starlette endpoint (GETs, sub-paths, other methods, and POSTs when the
+        server is not `switchboard serve`'s own protocol)."""
+
+        async def read(limit: int) -> bytes:
+            chunks = []
+            size = 0
+            try:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise TooLarge
+                    chunks.append(chunk)
+            except ClientDisconnect as exc:
+                raise ClientGone from exc
+            return b"".join(chunks)
+
+        query = request.query_params if request.scope.get("query_string") else _NO_QUERY
         name = request.path_params["name"]
+        rest = request.path_params.get("rest", "")
+        answer = await self.answer(name, request.method, rest, request.headers, query, read)
+        return answer.response()
+
+    async def answer(
+        self,
+        name: str,
+        method: str,
+        rest: str,
+        headers: Mapping[str, str],
+        query: Mapping[str, str],
+        read: BodyReader,
+    ) -> Answer:
+        """Answer the webhook `method /webhooks/{name}/{rest}`; the body is read (`read`) only once
+        the platform, the method and the room for it are known. An unexpected error is answered
+        500 and logged once, naming the platform; the next webhook is served as usual."""
+        try:
+            return await self._answer(name, method, rest, headers, query, read)
+        except ClientGone:
+            log.info("webhook client left before its body arrived", extra={"platform": name})
+            return Answer(400, b"", TEXT)  # nobody reads it: the connection is gone
+        except Exception:
+            log.exception("webhook failed", extra={"platform": name})
+            return INTERNAL_ERROR
+
+    async def _answer(
+        self,
+        name: str,
+        method: str,
+        rest: str,
+        headers: Mapping[str, str],
+        query: Mapping[str, str],
+        read: BodyReader,
+    ) -> Answer:
         platform = self.platforms.get(name)
         if platform is None:
-            return JSONResponse({"error": f"unknown platform {name!r}"}, status_code=404)
-        if request.method not in platform.methods:
+            return Answer.json({"error": f"unknown platform {name!r}"}, 404)
+        if method not in platform.methods:
             allow = ", ".join(sorted(platform.methods))
             self.metrics.webhooks.labels(name, "rejected").inc()
-            return JSONResponse(
-                {"error": f"{request.method} is not how {name!r} takes webhooks" + (f"; use {allow}" if allow else "")},
-                status_code=405,
-                headers={"Allow": allow},
+            return Answer.json(
+                {"error": f"{method} is not how {name!r} takes webhooks" + (f"; use {allow}" if allow else "")},
+                405,
+                (("Allow", allow),),
             )
-        rest = request.path_params.get("rest", "")
         if rest and not platform.subpaths:
             self.metrics.webhooks.labels(name, "rejected").inc()
-            return JSONResponse({"error": f"no webhook at /webhooks/{name}/{rest[:80]}"}, status_code=404)
+            return Answer.json({"error": f"no webhook at /webhooks/{name}/{rest[:80]}"}, 404)
         if not self.dispatcher.accepting:
             return self._unavailable("shutting down")
         if self.dispatcher.crowded:  # hold the answer while the turns catch up (dispatch.hold_backlog)
@@ -87,19 +171,21 @@ class Ingress:
         if self.dispatcher.overloaded:
             return self._unavailable("backlog full")
         try:
-            body = await self._body(request)
+            declared = headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+                raise TooLarge
+            body = await read(self.max_body_bytes)
         except TooLarge:
             self.metrics.webhooks.labels(name, "rejected").inc()
-            return JSONResponse({"error": f"body larger than {self.max_body_bytes} bytes"}, status_code=413)
-        query = request.query_params if request.scope.get("query_string") else _NO_QUERY
-        webhook = WebhookRequest(request.method, body, request.headers, query, rest)
+            return Answer.json({"error": f"body larger than {self.max_body_bytes} bytes"}, 413)
+        webhook = WebhookRequest(method, body, headers, query, rest)
         try:
             parsed = platform.parse(webhook)
             check_messages(parsed.messages)
         except Rejected as exc:
             self.metrics.webhooks.labels(name, "rejected").inc()
             log.info("webhook rejected: %s", exc.message, extra={"platform": name, "status": exc.status})
-            return JSONResponse(exc.body(), status_code=exc.status)
+            return Answer.json(exc.body(), exc.status)
         flooded = [not self.senders.admit(m) for m in parsed.messages]
         try:
             ids = await self.store.accept_ids(parsed.messages, flooded)
@@ -130,26 +216,13 @@ class Ingress:
         if duplicates:
             self.metrics.webhooks.labels(name, "duplicate").inc(duplicates)
         if isinstance(parsed.response, str):
-            return PlainTextResponse(parsed.response, status_code=parsed.status)
+            return Answer(parsed.status, parsed.response.encode(), TEXT)
         if parsed.response is not None:
-            return JSONResponse(parsed.response, status_code=parsed.status)
+            return Answer.json(parsed.response, parsed.status)
         answer = {"accepted": accepted + stored_flooded, "duplicates": duplicates}
         if stored_flooded:
             answer["flooded"] = stored_flooded
-        return Response(orjson.dumps(answer), status_code=parsed.status, media_type="application/json")
-
-    async def _body(self, request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise TooLarge
-        chunks = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise TooLarge
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return Answer.json(answer, parsed.status)
 
     async def close(self) -> None:
         """At shutdown: give the platforms' follow-ups in flight a moment to finish (a join a
@@ -160,11 +233,9 @@ class Ingress:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
 
-    def _unavailable(self, why: str) -> Response:
-        return JSONResponse(
-            {"error": f"temporarily unavailable: {why}; retry later"},
-            status_code=503,
-            headers={"Retry-After": self.retry_after},
+    def _unavailable(self, why: str) -> Answer:
+        return Answer.json(
+            {"error": f"temporarily unavailable: {why}; retry later"}, 503, (("Retry-After", self.retry_after),)
         )
 
 
@@ -180,3 +251,10 @@ def check_messages(messages: Sequence[Inbound]) -> None:
             problem = id_problem(value) if isinstance(value, str) else "is not a string"
             if problem is not None:
                 raise Rejected(400, f"{at}{field} {problem}", f"{at}{field}")
+
+
+def webhook_name(path: str) -> str | None:
+    """The platform name of a plain webhook URL (`/webhooks/{name}`, no sub-path), else None."""
+    if len(path) > 10 and path.startswith("/webhooks/") and path.count("/") == 2:
+        return path[10:]
+    return None

@@ -1,20 +1,38 @@
-"""uvicorn's httptools protocol, with each answer written to the socket in one piece.
+"""uvicorn's httptools protocol, with each answer written to the socket in one piece, and webhook
+POSTs answered by the ingress without ASGI.
 
-uvicorn writes an answer's status line and headers when the app sends `http.response.start`, and
-its body when the app sends `http.response.body`: two writes, so two `send` calls, two TCP segments
-and two wake-ups of the client per webhook. On loopback and on a LAN the kernel's work for a segment
-(the receiver's side included, on loopback) is most of a small answer's cost. Here the writes made
-while one event-loop callback runs are joined and go out when it returns (`loop.call_soon`): an
-app that sends start and body in one step (every plain response) costs one write; a streamed answer
-still goes out as it is produced. A close, an abort or a pause of writing flushes first.
+One write: uvicorn writes an answer's status line and headers when the app sends
+`http.response.start`, and its body when the app sends `http.response.body`: two writes, so two
+`send` calls, two TCP segments and two wake-ups of the client per webhook. On loopback and on a LAN
+the kernel's work for a segment (the receiver's side included, on loopback) is most of a small
+answer's cost. Here the writes made while one event-loop callback runs are joined and go out when it
+returns (`loop.call_soon`): an app that sends start and body in one step (every plain response)
+costs one write; a streamed answer still goes out as it is produced. A close, an abort or a pause of
+writing flushes first.
+
+Webhooks: a `POST /webhooks/{name}` to a `SwitchboardApp` whose ingress is running goes to
+`Ingress.answer` directly: no ASGI scope round (uvicorn's proxy-headers middleware, the app, a
+Starlette request and response, two ASGI messages each checked header by header), which cost about
+a tenth of a webhook's work (bench/README.md). uvicorn's protocol still parses the request, keeps
+the connection (keep-alive, pipelining, flow control, `Expect: 100-continue`, shutdown) and counts
+the request; the answer is written as uvicorn would write the same response. Everything else, and
+every request when the app has no running ingress, takes the ASGI way.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import contextvars
+import logging
+from typing import Any, cast
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from starlette.datastructures import Headers, QueryParams
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
+
+from middleware.ingress import Answer, ClientGone, Ingress, TooLarge, webhook_name
+
+log = logging.getLogger("switchboard.server")
 
 
 class _JoinedWrites:
@@ -61,7 +79,102 @@ class _JoinedWrites:
 
 
 class OneWriteHttpToolsProtocol(HttpToolsProtocol):
-    """`HttpToolsProtocol` whose answers leave in one write (see the module's docstring)."""
+    """`HttpToolsProtocol` whose answers leave in one write, and whose webhook POSTs go to the
+    ingress without ASGI (see the module's docstring)."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_JoinedWrites(transport, asyncio.get_running_loop()))  # type: ignore[arg-type]
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        scope = cycle.scope
+        ingress = getattr(self.config.app, "ingress", None)
+        name = webhook_name(scope["path"]) if scope["method"] == "POST" and not scope["root_path"] else None
+        # `app` is not ours when uvicorn answers for itself (its concurrency limit's 503)
+        if name is None or not isinstance(ingress, Ingress) or app is not self.app:
+            super()._start_asgi_task(cycle, app)
+            return
+        webhook = _webhook(ingress, name, cycle, self.transport)
+        if self.config.reset_contextvars:  # as uvicorn does for an ASGI task
+            task = self.loop.create_task(webhook, context=contextvars.Context())
+        else:
+            task = self.loop.create_task(webhook)
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+
+async def _webhook(ingress: Ingress, name: str, cycle: RequestResponseCycle, transport: asyncio.Transport) -> None:
+    """One webhook POST on `cycle` (uvicorn's state of the request on its connection): answered by
+    the ingress, written as `RequestResponseCycle.send` writes a response with a content-length."""
+    scope = cycle.scope
+    try:
+        query_string = scope["query_string"]
+        query = QueryParams(query_string) if query_string else {}
+        headers = Headers(raw=cast(list[tuple[bytes, bytes]], scope["headers"]))
+
+        async def read(limit: int) -> bytes:
+            return await _body(cycle, transport, limit)
+
+        answer = await ingress.answer(name, "POST", "", headers, query, read)
+        if cycle.flow.write_paused and not cycle.disconnected:
+            await cycle.flow.drain()
+        if cycle.disconnected:
+            return
+        cycle.response_started = cycle.response_complete = True
+        cycle.waiting_for_100_continue = False
+        try:
+            transport.write(_encode(answer, cycle))
+        except Exception:  # an answer uvicorn could not write either (a status it has no line for)
+            log.exception("webhook answer not written", extra={"platform": name, "status": answer.status})
+            transport.close()
+            return
+        if cycle.access_log:
+            cycle.access_logger.info(
+                '%s - "%s %s HTTP/%s" %d',
+                get_client_addr(scope),
+                scope["method"],
+                get_path_with_query_string(scope),
+                scope["http_version"],
+                answer.status,
+            )
+        cycle.message_event.set()
+        if not cycle.keep_alive:
+            transport.close()
+        cycle.on_response()
+    finally:
+        cycle.on_response = lambda: None
+
+
+def _encode(answer: Answer, cycle: RequestResponseCycle) -> bytes:
+    content = [STATUS_LINE[answer.status]]
+    for name, value in cycle.default_headers:
+        content += [name, b": ", value, b"\r\n"]
+    content += [b"content-length: ", b"%d" % len(answer.body), b"\r\ncontent-type: ", answer.content_type, b"\r\n"]
+    for header, text in answer.headers:
+        content += [header.lower().encode("latin-1"), b": ", text.encode("latin-1"), b"\r\n"]
+    if not cycle.keep_alive:
+        content.append(b"connection: close\r\n")
+    content += [b"\r\n", answer.body]
+    return b"".join(content)
+
+
+async def _body(cycle: RequestResponseCycle, transport: asyncio.Transport, limit: int) -> bytes:
+    """The request's body as uvicorn's `receive` hands it over, at most `limit` bytes."""
+    if cycle.waiting_for_100_continue and not transport.is_closing():
+        transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        cycle.waiting_for_100_continue = False
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        if cycle.more_body and not cycle.disconnected:  # the rest is still on its way
+            cycle.flow.resume_reading()
+            await cycle.message_event.wait()
+            cycle.message_event.clear()
+        if cycle.disconnected:
+            raise ClientGone
+        size += len(cycle.body)
+        if size > limit:
+            raise TooLarge
+        chunks.append(bytes(cycle.body))
+        cycle.body = bytearray()
+        if not cycle.more_body:
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)

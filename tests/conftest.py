@@ -17,6 +17,7 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from middleware.app import create_app
+from middleware.server_protocol import OneWriteHttpToolsProtocol
 from middleware.services import Services
 from middleware.settings import Settings, settings_from_text
 from tests.fakes.platform import FakePlatform
@@ -53,10 +54,21 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 
 class Server:
-    """A uvicorn server for an ASGI app on 127.0.0.1, run as a task in the test's loop."""
+    """A uvicorn server for an ASGI app on 127.0.0.1, run as a task in the test's loop; `http`:
+    uvicorn's protocol ("auto": its own; `running` passes the one `switchboard serve` runs)."""
 
-    def __init__(self, app: ASGIApp, port: int = 0) -> None:
-        self.config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on")
+    def __init__(self, app: ASGIApp, port: int = 0, http: type[asyncio.Protocol] | str = "auto") -> None:
+        self.config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            http=http,
+            # a test that failed with a request in flight ends instead of waiting for it forever
+            timeout_graceful_shutdown=10,
+        )
         self.server = uvicorn.Server(self.config)
         self.task: asyncio.Task[None] | None = None
 
@@ -145,10 +157,13 @@ def echo_flows(tmp_path: Path) -> Path:
 
 
 @contextlib.asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[tuple[Server, Services]]:
-    """Switchboard on a real port, with its lifespan."""
+async def running(
+    settings: Settings, http: type[asyncio.Protocol] | str = OneWriteHttpToolsProtocol
+) -> AsyncIterator[tuple[Server, Services]]:
+    """Switchboard on a real port, with its lifespan, served as `switchboard serve` serves it
+    (`http`: another uvicorn protocol, e.g. "auto" for the ASGI way of every request)."""
     app = create_app(settings)
-    async with Server(app) as server:
+    async with Server(app, http=http) as server:
         yield server, app.state.services
 
 

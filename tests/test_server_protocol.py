@@ -1,4 +1,5 @@
-"""middleware/server_protocol.py: uvicorn's protocol with each answer written in one piece.
+"""middleware/server_protocol.py: uvicorn's protocol with each answer written in one piece (its
+webhook lane is tested in tests/test_webhook_lane.py).
 
 The writes are counted on a recording stand-in for asyncio's transport (the object uvicorn writes
 to); the answers themselves are checked end to end against a real uvicorn on 127.0.0.1.
@@ -11,7 +12,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -93,12 +93,10 @@ APP = Starlette(routes=[Route("/plain", plain, methods=["POST"]), Route("/stream
 
 
 async def test_answers_through_a_real_uvicorn_keep_alive_streaming_big_and_head() -> None:
-    server = Server(APP)
-    server.config = uvicorn.Config(
-        APP, host="127.0.0.1", port=0, log_config=None, access_log=False, http=OneWriteHttpToolsProtocol
-    )
-    server.server = uvicorn.Server(server.config)
-    async with server, httpx.AsyncClient(base_url=server.url, timeout=5) as client:
+    async with (
+        Server(APP, http=OneWriteHttpToolsProtocol) as server,
+        httpx.AsyncClient(base_url=server.url, timeout=5) as client,
+    ):
         for n in range(3):  # one keep-alive connection, answer after answer
             answer = await client.post("/plain", content=f"hello {n}")
             assert answer.status_code == 200 and answer.json() == {"got": f"hello {n}"}
