@@ -1511,6 +1511,13 @@ def _make_engine(url: str, durability: str) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute(f"PRAGMA synchronous={sync}")
             cur.execute("PRAGMA busy_timeout=30000")
+            # A multi-row INSERT or UPDATE inside a larger transaction keeps a statement journal (the
+            # pages it changed, to undo it alone); past 64 KiB SQLite spills it to a temp file: an open,
+            # writes and an unlink per statement, on the loop's thread. With a backlog of pending
+            # messages a batch's accept touches that many index pages (ingest: 89 -> 82 us of CPU a
+            # webhook in 5 alternating pairs, bench/README.md). Bounded by a batch: 128 operations,
+            # 500 rows a statement.
+            cur.execute("PRAGMA temp_store=MEMORY")
             cur.close()
 
         return engine

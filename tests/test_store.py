@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event
+from sqlalchemy.engine import Connection
 
 from middleware.model import ConversationState, Inbound, Outgoing, Reply, Sender, conversation_key
 from middleware.store import Lease, LeaseLost, Store, StoreUnavailable, idempotency_key
@@ -190,6 +191,21 @@ async def test_sqlite_runs_brief_ops_on_the_loop_and_the_rest_on_the_writer_thre
     # a batch holding one op that is not brief runs whole on the writer thread
     together = await asyncio.gather(store.run(where, brief=True), store.run(where), store.run(where, brief=True))
     assert together == ["store-writer"] * 3
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+async def test_sqlite_statement_journals_stay_in_memory_on_every_connection(store: Store) -> None:
+    """A multi-row write's statement journal past 64 KiB would go to a temp file (open, writes,
+    unlink per statement): on both the loop's connection and the writer thread's, temp_store=MEMORY."""
+
+    def temp_store(conn: Connection) -> tuple[str, int]:
+        return threading.current_thread().name, int(conn.exec_driver_sql("PRAGMA temp_store").scalar_one())
+
+    assert await store.run(temp_store, brief=True) == (threading.current_thread().name, 2)
+    assert await store.run(temp_store) == ("store-writer", 2)
+    # a backlog's accept (rows of many conversations, each on its own index page) still commits
+    rows = [Inbound("myapp", f"m-{n}", f"c-{n}", Sender(f"u-{n}"), text="x" * 200) for n in range(500)]
+    assert all(await store.accept(rows))
 
 
 @pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
