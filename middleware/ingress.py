@@ -33,7 +33,8 @@ from middleware.store import PendingMessage, Store, StoreUnavailable
 log = logging.getLogger("switchboard.ingress")
 
 
-_NO_QUERY: Mapping[str, str] = MappingProxyType({})
+#: the query of a webhook URL without one (shared, read-only)
+NO_QUERY: Mapping[str, str] = MappingProxyType({})
 
 
 class TooLarge(Exception):
@@ -112,7 +113,7 @@ class Ingress:
                 raise ClientGone from exc
             return b"".join(chunks)
 
-        query = request.query_params if request.scope.get("query_string") else _NO_QUERY
+        query = request.query_params if request.scope.get("query_string") else NO_QUERY
         name = request.path_params["name"]
         rest = request.path_params.get("rest", "")
         answer = await self.answer(name, request.method, rest, request.headers, query, read)

@@ -30,7 +30,7 @@ from starlette.datastructures import Headers, QueryParams
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
-from middleware.ingress import Answer, ClientGone, Ingress, TooLarge, webhook_name
+from middleware.ingress import NO_QUERY, Answer, ClientGone, Ingress, TooLarge, webhook_name
 
 log = logging.getLogger("switchboard.server")
 
@@ -108,7 +108,7 @@ async def _webhook(ingress: Ingress, name: str, cycle: RequestResponseCycle, tra
     scope = cycle.scope
     try:
         query_string = scope["query_string"]
-        query = QueryParams(query_string) if query_string else {}
+        query = QueryParams(query_string) if query_string else NO_QUERY
         headers = Headers(raw=cast(list[tuple[bytes, bytes]], scope["headers"]))
 
         async def read(limit: int) -> bytes:
