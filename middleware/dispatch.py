@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -46,6 +47,7 @@ from middleware.outbox import Outbox
 from middleware.platforms.base import Platform
 from middleware.runtime import SwitchInterval
 from middleware.settings import DispatchSettings
+from middleware.slots import Slots
 from middleware.store import Lease, LeaseLost, OutboxItem, PendingMessage, Store, StoreUnavailable
 from middleware.turn import TurnRunner
 
@@ -96,7 +98,7 @@ class Dispatcher:
         #: shutting down (or superseded): no new work starts here; leases go back as turns end
         self.draining = False
         self.superseded = False
-        self._slots = asyncio.Semaphore(settings.max_concurrency)
+        self._slots = Slots(settings.max_concurrency)
         self._active: set[str] = set()
         self._again: set[str] = set()
         self._wakeups: dict[str, asyncio.TimerHandle] = {}
@@ -189,7 +191,8 @@ class Dispatcher:
         if fresh:
             self._fresh.add(key)
         self._active.add(key)
-        task = asyncio.create_task(self._actor(key), name=f"conversation {key}")
+        # the loop's own create_task: asyncio.create_task adds a Python-level call and a naming one
+        task = asyncio.get_running_loop().create_task(self._actor(key), name=f"conversation {key}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -216,8 +219,12 @@ class Dispatcher:
     async def _actor(self, key: str) -> None:
         try:
             while True:
-                async with self._slots:
+                if not self._slots.take():
+                    await self._slots.wait()
+                try:
                     await self._work(key)
+                finally:
+                    self._slots.release()
                 if key not in self._again or self.draining:
                     return
                 self._again.discard(key)
@@ -284,9 +291,7 @@ class Dispatcher:
         key = lease.key
         state = lease.state
 
-        async def fence() -> float:
-            return await self._fence(key)
-
+        fence = functools.partial(self._fence, key)
         messages = [] if self.draining else self._merge(key, list(lease.messages))
         #: the last drain emptied the outbox (rows are only added here, under our lease)
         outbox_clear = cached
@@ -296,8 +301,17 @@ class Dispatcher:
                 self._stale.discard(key)
                 messages = self._merge(key, await self.store.pending_messages(key))
             while messages:
-                batch, messages = await self._next_batch(key, messages, state)
-                done = await self._turn(lease, platform, batch, state)
+                first = messages[0].inbound
+                window, cancels = self.turns.engine.coalesce_window(first, state)
+                if window <= 0 or first.type == "event":
+                    batch, messages = messages[:1], messages[1:]
+                else:
+                    batch, messages = await self._burst(key, window)
+                    _, cancels = self.turns.engine.coalesce_window(batch[0].inbound, state)
+                if cancels:
+                    done = await self._interruptible_turn(lease, platform, batch, state)
+                else:
+                    done = await self.turns.run(lease, platform, batch, state)
                 if done is None:  # cancelled by a newer message: gather again
                     messages = self._merge(key, await self.store.pending_messages(key))
                     continue
@@ -418,25 +432,18 @@ class Dispatcher:
         except StoreUnavailable as exc:
             log.warning("lease not handed back (it expires by itself): %s", exc, extra={"conversation": lease.key})
 
-    async def _next_batch(
-        self, key: str, messages: list[PendingMessage], state: ConversationState
-    ) -> tuple[list[PendingMessage], list[PendingMessage]]:
-        """The next turn's messages: one, or a burst of text messages when the flow coalesces."""
-        first = messages[0].inbound
-        window, _ = self.turns.engine.coalesce_window(first, state)
-        if window <= 0 or first.type == "event":
-            return messages[:1], messages[1:]
+    async def _burst(self, key: str, window: float) -> tuple[list[PendingMessage], list[PendingMessage]]:
+        """The next turn's messages when the flow coalesces: after `window` seconds, the text
+        messages pending by then (or the first one), and the rest."""
         await asyncio.sleep(window)
         messages = await self.store.pending_messages(key)
         burst = list(itertools.takewhile(lambda p: p.inbound.type != "event", messages))
         return burst or messages[:1], messages[len(burst or messages[:1]) :]
 
-    async def _turn(
+    async def _interruptible_turn(
         self, lease: Lease, platform: Platform, batch: list[PendingMessage], state: ConversationState
     ) -> tuple[ConversationState, list[OutboxItem]] | None:
-        _, cancels = self.turns.engine.coalesce_window(batch[0].inbound, state)
-        if not cancels:
-            return await self.turns.run(lease, platform, batch, state)
+        """The turn for `batch`, cancelled by a newer message (the flow's coalesce says so)."""
         interrupt = asyncio.Event()
         self._interrupts[lease.key] = interrupt
         try:

@@ -30,6 +30,7 @@ import httptools
 import httpx
 
 from middleware.cutoff import cutoff
+from middleware.slots import Slots
 
 #: the largest answer body kept (platform answers are a few hundred bytes)
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
@@ -45,17 +46,38 @@ class Http1Timeout(Http1Error):
     """No whole answer within the deadline; the connection is closed."""
 
 
-@dataclass
 class Answer:
-    """A platform's answer, with the attributes of httpx.Response that the platform modules read."""
+    """A platform's answer, with the attributes of httpx.Response that the platform modules read.
+    Its headers (lower-case names; a repeated one's values joined by ", ") are read from the raw
+    pairs when first asked for: most answers are only looked at for their status."""
 
-    status_code: int
-    headers: Mapping[str, str]
-    content: bytes
+    __slots__ = ("_headers", "_raw", "content", "status_code")
+
+    def __init__(self, status_code: int, raw_headers: list[tuple[bytes, bytes]], content: bytes) -> None:
+        self.status_code = status_code
+        self._raw = raw_headers
+        self._headers: dict[str, str] | None = None
+        self.content = content
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        if self._headers is None:
+            self._headers = _header_map(self._raw)
+        return self._headers
 
     @property
     def text(self) -> str:
         return self.content.decode("utf-8", "replace")
+
+
+def _header_map(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for name, value in raw:
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        old = headers.get(key)
+        headers[key] = text if old is None else f"{old}, {text}"
+    return headers
 
 
 class Origin(NamedTuple):  # a dict key on every request: a tuple's hash is C's, a dataclass's Python's
@@ -78,7 +100,7 @@ class _Connection(asyncio.Protocol):
     _parser: Any = None
     _loop: asyncio.AbstractEventLoop | None = None
     _status: int = 0
-    _headers: dict[str, str] = field(default_factory=dict)
+    _headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     _body: list[bytes] = field(default_factory=list)
     _size: int = 0
     _got_bytes: bool = False
@@ -117,10 +139,7 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks ------------------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        key = name.decode("latin-1").lower()
-        text = value.decode("latin-1")
-        old = self._headers.get(key)
-        self._headers[key] = text if old is None else f"{old}, {text}"
+        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._status = self._parser.get_status_code()
@@ -136,7 +155,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if self._status < 200:  # 1xx (100 Continue): the real answer follows on the same parser
-            self._headers = {}
+            self._headers = []
             return
         answer = Answer(self._status, self._headers, b"".join(self._body))
         if not self._keep_alive:
@@ -151,12 +170,13 @@ class _Connection(asyncio.Protocol):
         self._answer = self._loop.create_future()
         if self._parser is None:  # one parser for the connection's answers, one after the other
             self._parser = httptools.HttpResponseParser(self)
-        self._status, self._headers, self._body, self._size, self._got_bytes = 0, {}, [], 0, False
+        self._status, self._headers, self._body, self._size, self._got_bytes = 0, [], [], 0, False
         self.transport.write(request)
         return self._answer
 
     def _until_close(self) -> bool:
-        return "content-length" not in self._headers and "chunked" not in self._headers.get("transfer-encoding", "")
+        headers = _header_map(self._headers)
+        return "content-length" not in headers and "chunked" not in headers.get("transfer-encoding", "")
 
     def idle(self) -> bool:
         """Ready for another request: open, and its last answer read to the end."""
@@ -180,7 +200,7 @@ class Http1Pool:
         self.timeout = timeout
         self._ssl = ssl_context
         self._idle: dict[Origin, collections.deque[_Connection]] = {}
-        self._slots: dict[Origin, asyncio.Semaphore] = {}
+        self._slots: dict[Origin, Slots] = {}
         self._origins: dict[str, tuple[Origin, bytes]] = {}
         self._closing = False
 
@@ -213,26 +233,30 @@ class Http1Pool:
             raise ValueError(f"not an http(s) URL this client takes: {url[:80]}")
         origin, head = found
         lines = [head]
+        replayable = False
         for name, value in headers.items():
             if "\r" in name or "\n" in name or "\r" in value or "\n" in value:
                 raise ValueError(f"header {name!r} holds a line break")
             lines.append(f"{name}: {value}\r\n".encode("latin-1"))
+            replayable = replayable or name.lower() == "idempotency-key"
         lines.append(b"Content-Length: %d\r\n\r\n" % len(body))
         lines.append(body)
         request = b"".join(lines)
-        replayable = any(name.lower() == "idempotency-key" for name in headers)
         try:
-            async with cutoff(self.timeout):
+            with cutoff(self.timeout):
                 slots = self._slots.get(origin)
                 if slots is None:
-                    slots = self._slots[origin] = asyncio.Semaphore(self.max_connections)
-                async with slots:
-                    try:
-                        return await self._exchange(origin, request)
-                    except _Stale:
-                        if not replayable:
-                            raise Http1Error("connection closed by the server before answering") from None
-                        return await self._exchange(origin, request, fresh=True)
+                    slots = self._slots[origin] = Slots(self.max_connections)
+                if not slots.take():
+                    await slots.wait()
+                try:
+                    return await self._exchange(origin, request)
+                except _Stale:
+                    if not replayable:
+                        raise Http1Error("connection closed by the server before answering") from None
+                    return await self._exchange(origin, request, fresh=True)
+                finally:
+                    slots.release()
         except TimeoutError:
             raise Http1Timeout(f"no answer from {origin.host}:{origin.port} in time") from None
 

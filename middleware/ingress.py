@@ -27,7 +27,7 @@ from middleware.flood import SenderLimiter
 from middleware.jsoncodec import dumps
 from middleware.metrics import Metrics
 from middleware.model import Inbound
-from middleware.platforms.base import Platform, Rejected, WebhookRequest, id_problem, run_follow_ups
+from middleware.platforms.base import MAX_ID_LENGTH, Platform, Rejected, WebhookRequest, id_problem, run_follow_ups
 from middleware.store import PendingMessage, Store, StoreUnavailable
 
 log = logging.getLogger("switchboard.ingress")
@@ -211,7 +211,7 @@ class Ingress:
         duplicates = len(ids) - accepted - stored_flooded
         if accepted:
             self.dispatcher.accepted(accepted)
-            self.metrics.child(self.metrics.webhooks, name, "accepted").inc(accepted)
+            self.metrics.webhooks.labels(name, "accepted").inc(accepted)
         if stored_flooded:
             self.metrics.webhooks.labels(name, "flooded").inc(stored_flooded)
         if duplicates:
@@ -243,6 +243,11 @@ class Ingress:
 def check_messages(messages: Sequence[Inbound]) -> None:
     """The edge's last check, whatever the platform: ids the store can hold (`Rejected` 400 otherwise)."""
     for i, m in enumerate(messages):
+        for value in (m.message_id, m.conversation_id, m.sender.id):  # the usual case, at a glance
+            if not (type(value) is str and 0 < len(value) <= MAX_ID_LENGTH and value.isascii() and "\x00" not in value):
+                break
+        else:
+            continue
         at = f"[{i}]." if len(messages) > 1 else ""
         for field, value in (
             ("message_id", m.message_id),

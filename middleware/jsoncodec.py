@@ -9,15 +9,24 @@ reads such integers as floats: `dumps` falls back to json for the first, `loads`
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import orjson
 
 #: the shortest digit run that can be an integer orjson would not read exactly: below -2**63 (19
 #: digits: -9223372036854775809 comes back a float) or past 2**64 - 1
-LONG_DIGITS = re.compile(r"\d{19}")
-LONG_DIGITS_BYTES = re.compile(rb"\d{19}")
+LONG_RUN = 19
+#: every byte to b"0", ASCII digits to b"1": a digit run becomes a run of b"1"
+_DIGITS = bytes(0x31 if 0x30 <= i <= 0x39 else 0x30 for i in range(256))
+_RUN = b"1" * LONG_RUN
+
+
+def long_digit_run(text: str | bytes) -> bool:
+    """Whether `text` holds `LONG_RUN` ASCII digits in a row (JSON numbers are ASCII). A translate
+    and a substring search, both in C: half the time of the regex `\\d{19}` on a webhook's body,
+    which took twice orjson's parse of it."""
+    raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+    return _RUN in raw.translate(_DIGITS)
 
 
 def dumps(value: Any) -> bytes:
@@ -30,6 +39,6 @@ def dumps(value: Any) -> bytes:
 
 def loads(text: str | bytes) -> Any:
     """JSON we wrote (`dumps`); not for input from outside (platforms.base.loads_json checks that)."""
-    if (LONG_DIGITS.search(text) if isinstance(text, str) else LONG_DIGITS_BYTES.search(text)) is not None:
+    if long_digit_run(text):
         return json.loads(text)
     return orjson.loads(text)

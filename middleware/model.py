@@ -306,7 +306,7 @@ class ConversationState:
             "state": self.state,
             "vars": self.vars,
             "turns": self.turns,
-            "owner": self.owner.value,
+            "owner": self.owner._value_,  # = .value, without Enum's Python-level property (every turn)
             "misses": self.misses,
             "counters": self.counters,
             "stack": self.stack,

@@ -93,7 +93,7 @@ class Outbox:
                 return time.time() + wait
         left = await fence() if fence is not None else None
         try:
-            async with cutoff(None if left is None else max(0.0, left - FENCE_MARGIN)) as cut:
+            with cutoff(None if left is None else max(0.0, left - FENCE_MARGIN)) as cut:
                 if not to_platform:
                     if self.helpdesk is None:
                         raise DeliveryError("no handoff.webhook_url configured for the helpdesk", retryable=False)
@@ -143,7 +143,7 @@ class Outbox:
             return time.time() + delay
         # the next row goes at once; the mark joins the next group commit (a later read sees it)
         self.store.mark_sent_soon(item.id)
-        self.metrics.child(self.metrics.deliveries, item.platform, kind, "sent").inc()
+        self.metrics.deliveries.labels(item.platform, kind, "sent").inc()
         return None
 
     def backoff(self, attempts: int, retry_after: float | None) -> float:

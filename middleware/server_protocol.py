@@ -26,7 +26,7 @@ import contextvars
 import logging
 from typing import Any, cast
 
-from starlette.datastructures import Headers, QueryParams
+from starlette.datastructures import QueryParams
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
@@ -109,7 +109,12 @@ async def _webhook(ingress: Ingress, name: str, cycle: RequestResponseCycle, tra
     try:
         query_string = scope["query_string"]
         query = QueryParams(query_string) if query_string else NO_QUERY
-        headers = Headers(raw=cast(list[tuple[bytes, bytes]], scope["headers"]))
+        # names as uvicorn lower-cased them; a repeated header's first value, as Starlette's Headers
+        # gives it (a dict: a platform's few lookups are C's, not a scan of the list each)
+        headers = {
+            name.decode("latin-1"): value.decode("latin-1")
+            for name, value in reversed(cast(list[tuple[bytes, bytes]], scope["headers"]))
+        }
 
         async def read(limit: int) -> bytes:
             return await _body(cycle, transport, limit)

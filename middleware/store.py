@@ -385,10 +385,12 @@ class Store:
             self._conn = None
         self.engine.dispose()
 
-    async def run(
+    def run(
         self, op: Callable[[Connection], T], *, key: str | None = None, alone: bool = False, brief: bool = False
-    ) -> T:
-        """Run `op(conn)` inside the next group-committed transaction and return its result.
+    ) -> asyncio.Future[T]:
+        """Run `op(conn)` inside the next group-committed transaction; the future holds its result.
+        (A plain function, not a coroutine: the op is queued at the call, and awaiting the future
+        costs no coroutine of its own on the per-message paths.)
 
         `key`: the conversation whose rows the op locks. Several nodes commit batches at once;
         ops run in key order within a batch, so two nodes' batches lock conversations in the same
@@ -399,7 +401,7 @@ class Store:
             raise StoreUnavailable("store is not started")
         future: asyncio.Future[T] = self._loop.create_future()
         self._put(op if key is None and not alone else _Keyed(op, key, alone), future, brief)
-        return await future
+        return future
 
     def submit(self, op: Callable[[Connection], Any], *, brief: bool = False) -> None:
         """Run `op(conn)` in the next group-committed transaction without waiting for it: for writes
@@ -706,7 +708,7 @@ class Store:
 
         return await self.run(op, brief=True)
 
-    async def commit_turn(
+    def commit_turn(
         self,
         lease: Lease,
         inbox_ids: Sequence[int],
@@ -717,7 +719,7 @@ class Store:
         cancel_timers: Sequence[str] = (),
         user_vars: tuple[str, dict[str, Any]] | None = None,
         transitions: Sequence[Transition] = (),
-    ) -> list[OutboxItem]:
+    ) -> asyncio.Future[list[OutboxItem]]:
         """Write a turn atomically: the conversation's state, its messages handled, its outbox rows,
         its timers (cancelled by name, then new ones) and changed user-scope variables.
 
@@ -734,7 +736,7 @@ class Store:
             "epoch": lease.epoch,
             "state": _dumps(state.to_json()),
             "updated_at": now,
-            "new_owner": state.owner.value,
+            "new_owner": state.owner._value_,  # = .value, without Enum's Python-level property
             "queue": handoff.get("queue"),
             "agent": handoff.get("agent"),
             "last_inbox": None,
@@ -754,29 +756,37 @@ class Store:
             }
             for item, key in outgoing
         ]
-        timer_rows = [
-            {
-                "conversation_key": lease.key,
-                "name": timer.name,
-                "due_at": now + timer.after,
-                "payload": _dumps(timer.payload),
-                "status": "pending",
-                "created_at": now,
-            }
-            for timer in timers
-        ]
+        timer_rows = (
+            [
+                {
+                    "conversation_key": lease.key,
+                    "name": timer.name,
+                    "due_at": now + timer.after,
+                    "payload": _dumps(timer.payload),
+                    "status": "pending",
+                    "created_at": now,
+                }
+                for timer in timers
+            ]
+            if timers
+            else []
+        )
 
-        owner_rows = [
-            {
-                "conversation_key": lease.key,
-                "before": t.before.value,
-                "after": t.after.value,
-                "actor": t.actor[:200],
-                "reason": t.reason[:500],
-                "at": now,
-            }
-            for t in transitions
-        ]
+        owner_rows = (
+            [
+                {
+                    "conversation_key": lease.key,
+                    "before": t.before.value,
+                    "after": t.after.value,
+                    "actor": t.actor[:200],
+                    "reason": t.reason[:500],
+                    "at": now,
+                }
+                for t in transitions
+            ]
+            if transitions
+            else []
+        )
 
         def op(conn: Connection) -> list[OutboxItem]:
             params = state_params
@@ -801,7 +811,7 @@ class Store:
                 if key in added
             ]
 
-        return await self.run(op, key=lease.key, brief=True)
+        return self.run(op, key=lease.key, brief=True)
 
     def _merge_user(self, conn: Connection, key: str, changes: dict[str, Any], now: float) -> None:
         row = conn.execute(select(USER.c.vars).where(USER.c.key == key)).first()

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from middleware.cutoff import cutoff
+from middleware.cutoff import cutoff, first_step, resume
 from middleware.engine import Engine, FlowFailed
 from middleware.helpdesk import TARGET
 from middleware.metrics import Metrics
@@ -135,7 +135,7 @@ class TurnRunner:
         a newer message cancels the turn), the turn is dropped before anything is stored and
         None is returned: its messages stay pending for the next turn.
         """
-        message = merge_burst([p.inbound for p in pending])
+        message = pending[0].inbound if len(pending) == 1 else merge_burst([p.inbound for p in pending])
         started = time.perf_counter()
         is_event = message.type == "event"
 
@@ -156,9 +156,11 @@ class TurnRunner:
         if not is_event and self.engine.uses_user_scope(message, state):
             state = state.copy()
             state.vars["user"] = await self.store.user_vars(user_key)
-        delay = platform.config.typing_delay if platform.config.typing_delay is not None else self.settings.typing.delay
-        typing = Typing(platform, message.conversation_id, message.message_id, key_of, delay)
-        if not is_event and state.owner not in (Owner.QUEUED, Owner.AGENT):
+        typing: Typing | None = None  # none for a platform without typing, an event, a human's conversation
+        if platform.supports_typing and not is_event and state.owner not in (Owner.QUEUED, Owner.AGENT):
+            delay = platform.config.typing_delay
+            delay = self.settings.typing.delay if delay is None else delay
+            typing = Typing(platform, message.conversation_id, message.message_id, key_of, delay)
             typing.start()
         deadline = time.monotonic() + self.settings.dispatch.turn_timeout
         decide = self.engine.decide(message, state, deadline)
@@ -172,22 +174,27 @@ class TurnRunner:
                 decision.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await decision
-                if await typing.stop():
+                if typing is not None and await typing.stop():
                     off = Outgoing("typing", message.conversation_id, typing=False, message_id=message.message_id)
                     self._spawn(self._send_now(platform, off, key_of("typing-off")))
                 log.info("turn cancelled by a newer message", extra={"conversation": lease.key})
                 return None
         try:
             if decision is None:
-                if typing.started:
+                if typing is not None:
                     await asyncio.sleep(0)  # typing's task gets its first step (delay 0: on at once)
-                async with cutoff(self.settings.dispatch.turn_timeout):
-                    result = await decide
+                done, value = first_step(decide)
+                if not done:  # it awaits something (a connector, a pause): under the turn's limit
+                    with cutoff(self.settings.dispatch.turn_timeout):
+                        value = await resume(decide, value)
+                result = value
             else:
                 result = await decision
         except asyncio.CancelledError:  # cut off (a shutdown's bound): nothing stored, the next holder redoes it
             if decision is not None:
                 decision.cancel()
+            if typing is None:
+                raise
             await asyncio.wait([asyncio.ensure_future(typing.stop())], timeout=1.0)
             if typing.sent_on:
                 off = Outgoing("typing", message.conversation_id, typing=False, message_id=message.message_id)
@@ -195,11 +202,11 @@ class TurnRunner:
             raise
         except Exception as exc:  # the user still gets an answer; the operator gets one line
             result = self._failed(lease, message, state, exc)
-        typing_was_on = await typing.stop()
+        typing_was_on = typing is not None and await typing.stop()
         handoff_items = self._handoff_items(platform, message, result, key_of)
         # the platform gives the conversation back to the bot (bot on) before the bot speaks again;
         # a handoff goes after the bot's last words
-        outgoing = [(o, k) for o, k in handoff_items if o.kind == "release" and o.to is None]
+        outgoing = [(o, k) for o, k in handoff_items if o.kind == "release" and o.to is None] if handoff_items else []
         outgoing += [
             (Outgoing("message", message.conversation_id, reply=r, reply_to=message.message_id), key_of(i))
             for i, r in enumerate(result.replies)
@@ -207,10 +214,13 @@ class TurnRunner:
         if typing_was_on:
             off = Outgoing("typing", message.conversation_id, typing=False, message_id=message.message_id)
             outgoing.append((off, key_of("typing-off")))
-        outgoing += [(o, k) for o, k in handoff_items if not (o.kind == "release" and o.to is None)]
-        user_changes = {
-            a.name[5:]: a.value for a in result.actions if isinstance(a, SetVariable) and a.name.startswith("user.")
-        }
+        if handoff_items:
+            outgoing += [(o, k) for o, k in handoff_items if not (o.kind == "release" and o.to is None)]
+        user_changes = (
+            {a.name[5:]: a.value for a in result.actions if isinstance(a, SetVariable) and a.name.startswith("user.")}
+            if result.actions
+            else None
+        )
         new_state = result.state  # nothing changes a turn's state in place once the turn is done
         if "user" in new_state.vars:  # user-scope variables live in their own table, not the state
             new_state = new_state.copy()
@@ -232,7 +242,7 @@ class TurnRunner:
                 self._spawn(self._send_now(platform, off, key_of("typing-off")))
             raise
         elapsed = time.perf_counter() - started
-        self.metrics.child(self.metrics.turn_seconds, message.platform).observe(elapsed)
+        self.metrics.turn_seconds.labels(message.platform).observe(elapsed)
         for observer in self.observers:
             observer(message, result, elapsed)
         return new_state, added

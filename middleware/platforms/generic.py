@@ -140,6 +140,8 @@ class GenericPlatform(Platform):
 
 def _required_id(obj: dict[str, Any], key: str, at: str) -> str:
     value = obj.get(key)
+    if type(value) is str and 0 < len(value) <= MAX_ID_LENGTH and "\x00" not in value:  # the usual case
+        return value
     if value is None or value == "":
         raise Rejected(400, f"{at}{key} is required", f"{at}{key}")
     if isinstance(value, bool) or not isinstance(value, str | int):

@@ -157,7 +157,7 @@ def turn_observer(hub: Hub, playgrounds: set[str]) -> Callable[[Inbound, TurnRes
         change = {
             "kind": "turn",
             "conversation": key,
-            "owner": state.owner.value,
+            "owner": state.owner._value_,  # = .value, without Enum's Python-level property (every turn)
             "queue": handoff.get("queue"),
             "agent": handoff.get("agent"),
             "event": message.payload.get("event") if message.type == "event" else None,
