@@ -21,9 +21,9 @@ import asyncio
 import collections
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, TypeVar, cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -31,6 +31,8 @@ import httpx
 
 from middleware.cutoff import cutoff
 from middleware.slots import Slots
+
+T = TypeVar("T")
 
 #: the largest answer body kept (platform answers are a few hundred bytes)
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
@@ -182,6 +184,11 @@ class _Connection(asyncio.Protocol):
         """Ready for another request: open, and its last answer read to the end."""
         return not self.closed and self._answer is not None and self._answer.done() and self._keep_alive
 
+    def time_out(self) -> None:
+        """The answer is overdue: the call fails with Http1Timeout and the connection is dropped."""
+        self._fail(Http1Timeout(f"no answer from {self.origin.host}:{self.origin.port} in time"))
+        self.close()
+
     def _fail(self, exc: Exception) -> None:
         if self._answer is not None and not self._answer.done():
             self._answer.set_exception(exc)
@@ -193,7 +200,12 @@ class _Connection(asyncio.Protocol):
 
 
 class Http1Pool:
-    """Keep-alive connections per origin, at most `max_connections` per origin open at once."""
+    """Keep-alive connections per origin, at most `max_connections` per origin open at once.
+
+    The whole call has `timeout` seconds. While an answer is awaited the deadline is kept by the
+    connection's entry in `_due`, which one pool timer checks every `_step` seconds while calls are
+    in flight (a call may so fail up to `_step` late): no timer or cancel scope per call. The rare
+    waits before it (a free connection slot, a new connection) are under a `cutoff` of their own."""
 
     def __init__(self, max_connections: int, timeout: float, ssl_context: ssl.SSLContext | None = None) -> None:
         self.max_connections = max_connections
@@ -203,6 +215,10 @@ class Http1Pool:
         self._slots: dict[Origin, Slots] = {}
         self._origins: dict[str, tuple[Origin, bytes]] = {}
         self._closing = False
+        #: connections whose answer is awaited -> the loop time it is due by
+        self._due: dict[_Connection, float] = {}
+        self._step = max(0.01, min(0.1, timeout / 4))
+        self._check: asyncio.TimerHandle | None = None
 
     def target(self, url: str) -> tuple[Origin, bytes] | None:
         """The origin and request target of an http(s) URL; None for what this client leaves to httpx."""
@@ -242,39 +258,63 @@ class Http1Pool:
         lines.append(b"Content-Length: %d\r\n\r\n" % len(body))
         lines.append(body)
         request = b"".join(lines)
+        loop = asyncio.get_running_loop()
+        due = loop.time() + self.timeout
+        slots = self._slots.get(origin)
+        if slots is None:
+            slots = self._slots[origin] = Slots(self.max_connections)
+        if not slots.take():
+            await self._within(due, origin, slots.wait())
         try:
-            with cutoff(self.timeout):
-                slots = self._slots.get(origin)
-                if slots is None:
-                    slots = self._slots[origin] = Slots(self.max_connections)
-                if not slots.take():
-                    await slots.wait()
-                try:
-                    return await self._exchange(origin, request)
-                except _Stale:
-                    if not replayable:
-                        raise Http1Error("connection closed by the server before answering") from None
-                    return await self._exchange(origin, request, fresh=True)
-                finally:
-                    slots.release()
+            return await self._exchange(origin, request, due)
+        except _Stale:
+            if not replayable:
+                raise Http1Error("connection closed by the server before answering") from None
+            return await self._exchange(origin, request, due, fresh=True)
+        finally:
+            slots.release()
+
+    async def _within(self, due: float, origin: Origin, waiting: Coroutine[Any, Any, T]) -> T:
+        """`waiting`, cut off at the call's deadline (Http1Timeout)."""
+        try:
+            with cutoff(max(0.0, due - asyncio.get_running_loop().time())):
+                return await waiting
         except TimeoutError:
             raise Http1Timeout(f"no answer from {origin.host}:{origin.port} in time") from None
 
-    async def _exchange(self, origin: Origin, request: bytes, fresh: bool = False) -> Answer:
+    async def _exchange(self, origin: Origin, request: bytes, due: float, fresh: bool = False) -> Answer:
         conn = None if fresh else self._take(origin)
         if conn is None:
-            conn = await self._connect(origin)
+            conn = await self._within(due, origin, self._connect(origin))
+        self._due[conn] = due
+        if self._check is None:
+            self._check = asyncio.get_running_loop().call_later(self._step, self._overdue)
         try:
             answer = await conn.send(request)
         except BaseException:
-            conn.close()  # cancelled or failed mid-answer: the connection's state is unknown
+            conn.close()  # cancelled, failed or overdue mid-answer: the connection's state is unknown
             raise
+        finally:
+            self._due.pop(conn, None)
         if conn.idle() and not self._closing:
             conn.reused = True
             self._idle.setdefault(origin, collections.deque()).append(conn)
         else:
             conn.close()
         return answer
+
+    def _overdue(self) -> None:
+        """The pool's timer: time out the calls past their deadline; again while calls are in flight."""
+        self._check = None
+        if not self._due:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for conn, due in list(self._due.items()):
+            if due <= now:
+                del self._due[conn]
+                conn.time_out()
+        self._check = loop.call_later(self._step, self._overdue)
 
     def _take(self, origin: Origin) -> _Connection | None:
         idle = self._idle.get(origin)
@@ -305,6 +345,9 @@ class Http1Pool:
 
     async def aclose(self) -> None:
         self._closing = True
+        if self._check is not None:
+            self._check.cancel()
+            self._check = None
         for idle in self._idle.values():
             while idle:
                 idle.pop().close()

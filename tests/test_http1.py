@@ -204,6 +204,29 @@ async def test_no_answer_in_time_is_a_timeout_and_the_connection_is_dropped() ->
         await pool.aclose()
 
 
+async def test_the_timeout_counts_the_wait_for_a_free_connection_and_leaves_nothing_behind() -> None:
+    """One connection allowed: the second call waits for it, and its deadline runs meanwhile; the
+    pool's deadline timer stops once nothing is in flight."""
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: RawServer) -> None:
+        await raw.read_request(reader)
+        await reader.read()
+
+    pool = Http1Pool(max_connections=1, timeout=0.3)
+    loop = asyncio.get_running_loop()
+    async with raw_server(silent) as raw:
+        url = f"http://127.0.0.1:{raw.port}/"
+        started = loop.time()
+        first, second = await asyncio.gather(pool.post(url, b"1", {}), pool.post(url, b"2", {}), return_exceptions=True)
+        took = loop.time() - started
+        assert isinstance(first, Http1Timeout) and isinstance(second, Http1Timeout)
+        assert 0.3 <= took < 0.3 + 1.0  # both within their own 0.3 s (plus the timer's step), not one after the other
+        assert [body for _, body in raw.requests] == [b"1"]  # the second never got a connection
+    await asyncio.sleep(0.3)
+    assert not pool._due and pool._check is None
+    await pool.aclose()
+
+
 async def test_refused_and_garbage_and_cut_answers_are_errors() -> None:
     pool = Http1Pool(max_connections=4, timeout=5)
     async with raw_server(keep_alive) as raw:
