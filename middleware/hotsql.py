@@ -100,7 +100,7 @@ class HotSQL:
     def insert_inbox(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], int]:
         """New inbox rows (a (platform, message_id) already stored is skipped): key -> id."""
         out: dict[tuple[str, str], int] = {}
-        for chunk in _chunks(rows, self.CHUNK):
+        for chunk in _chunks(rows, self.CHUNK) if len(rows) > self.CHUNK else (rows,):
             sql = self._insert_many(
                 "inbox", INBOX_COLUMNS, len(chunk), "(platform, message_id)", "platform, message_id, id"
             )
@@ -111,7 +111,7 @@ class HotSQL:
     def insert_outbox(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> dict[str, int]:
         """New outbox rows (an idempotency key already stored is skipped): key -> id."""
         out: dict[str, int] = {}
-        for chunk in _chunks(rows, self.CHUNK):
+        for chunk in _chunks(rows, self.CHUNK) if len(rows) > self.CHUNK else (rows,):
             sql = self._insert_many("outbox", OUTBOX_COLUMNS, len(chunk), "(idempotency_key)", "id, idempotency_key")
             cursor = execute(conn, sql, [row[c] for row in chunk for c in OUTBOX_COLUMNS])
             out.update((r[1], r[0]) for r in cursor.fetchall())

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 from typing import Any, cast
 
@@ -116,10 +117,7 @@ async def _webhook(ingress: Ingress, name: str, cycle: RequestResponseCycle, tra
             for name, value in reversed(cast(list[tuple[bytes, bytes]], scope["headers"]))
         }
 
-        async def read(limit: int) -> bytes:
-            return await _body(cycle, transport, limit)
-
-        answer = await ingress.answer(name, "POST", "", headers, query, read)
+        answer = await ingress.answer(name, "POST", "", headers, query, functools.partial(_body, cycle, transport))
         if cycle.flow.write_paused and not cycle.disconnected:
             await cycle.flow.drain()
         if cycle.disconnected:
@@ -149,10 +147,17 @@ async def _webhook(ingress: Ingress, name: str, cycle: RequestResponseCycle, tra
         cycle.on_response = lambda: None
 
 
+#: uvicorn's default headers (date, server), as last written: it makes a new list when the date moves on
+_defaults: tuple[object, bytes] = (None, b"")
+
+
 def _encode(answer: Answer, cycle: RequestResponseCycle) -> bytes:
-    content = [STATUS_LINE[answer.status]]
-    for name, value in cycle.default_headers:
-        content += [name, b": ", value, b"\r\n"]
+    global _defaults
+    known, encoded = _defaults
+    if known is not cycle.default_headers:
+        encoded = b"".join(b"%s: %s\r\n" % (name, value) for name, value in cycle.default_headers)
+        _defaults = (cycle.default_headers, encoded)
+    content = [STATUS_LINE[answer.status], encoded]
     content += [b"content-length: ", b"%d" % len(answer.body), b"\r\ncontent-type: ", answer.content_type, b"\r\n"]
     for header, text in answer.headers:
         content += [header.lower().encode("latin-1"), b": ", text.encode("latin-1"), b"\r\n"]

@@ -438,11 +438,17 @@ class Store:
             return
         assert self._settled is not None
         count = min(self.batch_max, LOOP_BATCH, len(self._waiting))
-        items = [self._waiting.popleft() for _ in range(count)]
-        batch = [(op, fut) for op, fut, _ in items]
+        batch: list[_Item] = []
+        all_brief = True
+        take = self._waiting.popleft
+        for _ in range(count):
+            op, fut, brief = take()
+            batch.append((op, fut))
+            if not brief:
+                all_brief = False
         self._in_flight = True
         self._settled.clear()
-        if all(brief for *_, brief in items):
+        if all_brief:
             conn: Connection | None = None
             try:
                 conn = self._held()
