@@ -151,6 +151,8 @@ class Reply:
 
     def plain_text(self) -> str:
         """The reply as text alone, for platforms without buttons, cards or attachments."""
+        if not (self.cards or self.buttons or self.quick_replies or self.attachments):
+            return self.text  # text alone (most replies)
         lines = [self.text] if self.text else []
         for card in self.cards:
             lines.append(f"*{card.title}*" + (f"\n{card.text}" if card.text else ""))
@@ -164,8 +166,10 @@ class Reply:
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
             "text": self.text,
-            "buttons": [{"title": b.title, "payload": b.payload} for b in self.buttons],
-            "attachments": [{"type": a.type, "url": a.url, "name": a.name} for a in self.attachments],
+            "buttons": [{"title": b.title, "payload": b.payload} for b in self.buttons] if self.buttons else [],
+            "attachments": (
+                [{"type": a.type, "url": a.url, "name": a.name} for a in self.attachments] if self.attachments else []
+            ),
         }
         if self.quick_replies:
             data["quick_replies"] = [{"title": b.title, "payload": b.payload} for b in self.quick_replies]

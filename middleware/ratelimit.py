@@ -93,6 +93,8 @@ class RateLimiter:
 
     def delay(self, conversation: str) -> float:
         """Seconds before this conversation may send; 0 means go (and the tokens are taken)."""
+        if self.platform is None and self.limit.conversation_per_second is None:
+            return 0.0  # no limit configured (the default)
         now = time.monotonic()
         buckets = [b for b in (self.platform, self._conversation(conversation, now)) if b is not None]
         wait = max((b.wait(now) for b in buckets), default=0.0)

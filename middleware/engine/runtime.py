@@ -310,6 +310,8 @@ def _first_match(routes: tuple[Route, ...], ctx: TurnContext) -> Route | None:
 def _cancels(state: ConversationState, cancelled: list[str], armed: list[Timer]) -> tuple[str, ...]:
     """The timers the turn cancels that may be pending (all when not known); records in `state`
     what stays armed: the names it had, less those cancelled, plus those armed now."""
+    if state.timers is not None and not state.timers and not armed:
+        return ()  # none pending, none armed (most turns)
     names = tuple(dict.fromkeys(cancelled))
     if state.timers is None:
         return names
