@@ -187,7 +187,10 @@ class Ingress:
             self.metrics.webhooks.labels(name, "rejected").inc()
             log.info("webhook rejected: %s", exc.message, extra={"platform": name, "status": exc.status})
             return Answer.json(exc.body(), exc.status)
-        flooded = [not self.senders.admit(m) for m in parsed.messages]
+        if self.senders.per_second is None:  # no flood control configured
+            flooded = [False] * len(parsed.messages)
+        else:
+            flooded = [not self.senders.admit(m) for m in parsed.messages]
         try:
             ids = await self.store.accept_ids(parsed.messages, flooded)
         except StoreUnavailable:
@@ -243,11 +246,12 @@ class Ingress:
 def check_messages(messages: Sequence[Inbound]) -> None:
     """The edge's last check, whatever the platform: ids the store can hold (`Rejected` 400 otherwise)."""
     for i, m in enumerate(messages):
-        for value in (m.message_id, m.conversation_id, m.sender.id):  # the usual case, at a glance
-            if not (type(value) is str and 0 < len(value) <= MAX_ID_LENGTH and value.isascii() and "\x00" not in value):
-                break
-        else:
-            continue
+        mid, cid, sid = m.message_id, m.conversation_id, m.sender.id
+        if type(mid) is str and type(cid) is str and type(sid) is str:  # the usual case, at a glance
+            joined = mid + cid + sid
+            short = 0 < len(mid) <= MAX_ID_LENGTH and 0 < len(cid) <= MAX_ID_LENGTH and 0 < len(sid) <= MAX_ID_LENGTH
+            if short and joined.isascii() and "\x00" not in joined:
+                continue
         at = f"[{i}]." if len(messages) > 1 else ""
         for field, value in (
             ("message_id", m.message_id),

@@ -41,7 +41,7 @@ class Resources:
     handoff: HandoffMachine | None = None
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class TurnContext:
     """What conditions and actions see and change during one turn."""
 
@@ -66,6 +66,38 @@ class TurnContext:
     missed: bool = False
     #: who the turn's replies come from, as the history records them ("agent" for an agent's message)
     speaker: str = "bot"
+
+    def __init__(
+        self,
+        message: Inbound,
+        state: ConversationState,
+        flow: Flow,
+        resources: Resources,
+        deadline: float,
+        now: datetime | None = None,
+        first: bool = False,
+        nlu: NLU | None = None,
+    ) -> None:
+        # written out: the generated __init__ calls a factory per list field (one context a turn)
+        self.message = message
+        self.state = state
+        self.flow = flow
+        self.resources = resources
+        self.deadline = deadline
+        self.now = datetime.now(UTC) if now is None else now
+        self.first = first
+        self.nlu = nlu
+        self.replies = []
+        self.actions = []
+        self.timers = []
+        self.cancel_timers = []
+        self.transitions = []
+        self.trace = []
+        self.goto = None
+        self.switch = None
+        self.stopped = False
+        self.missed = False
+        self.speaker = "bot"
 
     @property
     def vars(self) -> dict[str, Any]:

@@ -86,10 +86,9 @@ class Engine:
             flow=flow,
             resources=self.resources,
             deadline=deadline if deadline is not None else time.monotonic() + 30,
+            now=now,
             first=state.turns == 0,
         )
-        if now is not None:
-            ctx.now = now
         try:
             await self._turn(ctx)
         except TemplateFailed as exc:
