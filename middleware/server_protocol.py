@@ -86,6 +86,58 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_JoinedWrites(transport, asyncio.get_running_loop()))  # type: ignore[arg-type]
 
+    def on_headers_complete(self) -> None:
+        # uvicorn's, for a POST to a plain webhook URL (no query, no escapes, no root path, no
+        # upgrade, no concurrency limit) of a running ingress: the path is the URL as it came, so
+        # httptools' URL parse and uvicorn's path handling are skipped, and the lane starts at once
+        url = self.url
+        ingress = getattr(self.config.app, "ingress", None)
+        parser = self.parser
+        if not (
+            url.startswith(b"/webhooks/")
+            and len(url) > 10
+            and url.count(b"/") == 2
+            and url.isascii()
+            and b"?" not in url
+            and b"%" not in url
+            and b"#" not in url
+            and isinstance(ingress, Ingress)
+            and parser.get_method() == b"POST"
+            and not self.root_path
+            and self.limit_concurrency is None
+            and not parser.should_upgrade()
+        ):
+            super().on_headers_complete()
+            return
+        http_version = parser.get_http_version()
+        scope = self.scope
+        scope["method"] = "POST"
+        if http_version != "1.1":
+            scope["http_version"] = http_version
+        path = url.decode("ascii")
+        scope["path"] = path
+        scope["raw_path"] = url
+        scope["query_string"] = b""
+        existing = self.cycle
+        self.cycle = RequestResponseCycle(
+            scope=scope,
+            transport=self.transport,
+            flow=self.flow,
+            logger=self.logger,
+            access_logger=self.access_logger,
+            access_log=self.access_log,
+            default_headers=self.server_state.default_headers,
+            message_event=asyncio.Event(),
+            expect_100_continue=self.expect_100_continue,
+            keep_alive=http_version != "1.0" and parser.should_keep_alive(),
+            on_response=self.on_response_complete,
+        )
+        if existing is None or existing.response_complete:
+            self._start_webhook(ingress, path[10:], self.cycle)
+        else:  # pipelined: started when the answers before it are written (`_start_asgi_task`)
+            self.flow.pause_reading()
+            self.pipeline.appendleft((self.cycle, self.app))
+
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         scope = cycle.scope
         ingress = getattr(self.config.app, "ingress", None)
@@ -94,6 +146,9 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         if name is None or not isinstance(ingress, Ingress) or app is not self.app:
             super()._start_asgi_task(cycle, app)
             return
+        self._start_webhook(ingress, name, cycle)
+
+    def _start_webhook(self, ingress: Ingress, name: str, cycle: RequestResponseCycle) -> None:
         webhook = _webhook(ingress, name, cycle, self.transport)
         if self.config.reset_contextvars:  # as uvicorn does for an ASGI task
             task = self.loop.create_task(webhook, context=contextvars.Context())

@@ -400,7 +400,8 @@ class Store:
         if self._loop is None or self._thread is None:
             raise StoreUnavailable("store is not started")
         future: asyncio.Future[T] = self._loop.create_future()
-        self._put(op if key is None and not alone else _Keyed(op, key, alone), future, brief)
+        # the key orders the writer thread's batches (`_lock_order`); the loop's SQLite batches need none
+        self._put(op if (key is None and not alone) or self._inline else _Keyed(op, key, alone), future, brief)
         return future
 
     def submit(self, op: Callable[[Connection], Any], *, brief: bool = False) -> None:
