@@ -19,6 +19,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import operator
 import queue
 import threading
 import time
@@ -619,10 +620,12 @@ class Store:
         """
         return [inbox_id is not None for inbox_id in await self.accept_ids(messages, flooded)]
 
-    async def accept_ids(self, messages: Sequence[Inbound], flooded: Sequence[bool] = ()) -> list[int | None]:
+    def accept_ids(self, messages: Sequence[Inbound], flooded: Sequence[bool] = ()) -> asyncio.Future[list[int | None]]:
         """`accept`, giving per message its inbox id when it was new (None = duplicate)."""
         if not messages:
-            return []
+            done: asyncio.Future[list[int | None]] = asyncio.get_running_loop().create_future()
+            done.set_result([])
+            return done
         now = time.time()
         flags = list(flooded) or [False] * len(messages)
         rows = [
@@ -637,9 +640,7 @@ class Store:
             }
             for m, flood in zip(messages, flags, strict=True)
         ]
-        inserted: dict[tuple[str, str], int] = await self.run(_Accept(self._hot, rows), brief=True)
-        # a message sent twice in one webhook is new the first time only
-        return [inserted.pop((m.platform, m.message_id), None) for m in messages]
+        return self.run(_Accept(self._hot, rows), brief=True)
 
     # -- leases and turns --------------------------------------------------------------------
 
@@ -1361,6 +1362,9 @@ def _message_ids(keys: Sequence[str], depth: int = VIEW_DEPTH) -> Subquery:
     return union(select(chain.c.id), *waiting).subquery("messages")
 
 
+_BY_MESSAGE = operator.itemgetter("platform", "message_id")
+
+
 class _Accept:
     """The op of one `Store.accept`: on its own, one INSERT; in a batch with other accepts, all of
     them share one multi-row INSERT (the writes of many webhooks in one statement)."""
@@ -1372,25 +1376,24 @@ class _Accept:
         self.rows = rows
         self.keys = [(r["platform"], r["message_id"]) for r in rows]
 
-    def __call__(self, conn: Connection) -> dict[tuple[str, str], int]:
-        return self._insert(conn, self.hot, self.rows)
+    def __call__(self, conn: Connection) -> list[int | None]:
+        inserted = self._insert(conn, self.hot, self.rows)
+        # a message sent twice in one webhook is new the first time only
+        return [inserted.pop(k, None) for k in self.keys]
 
     @staticmethod
     def _insert(conn: Connection, hot: HotSQL, rows: list[dict[str, Any]]) -> dict[tuple[str, str], int]:
         # in key order: two nodes inserting the same duplicates wait for each other in one order, not in a cycle
-        return hot.insert_inbox(conn, sorted(rows, key=lambda r: (r["platform"], r["message_id"])))
+        return hot.insert_inbox(conn, sorted(rows, key=_BY_MESSAGE) if len(rows) > 1 else rows)
 
     @classmethod
-    def merged(cls, conn: Connection, ops: list[_Accept]) -> dict[int, dict[tuple[str, str], int]]:
+    def merged(cls, conn: Connection, ops: list[_Accept]) -> dict[int, list[int | None]]:
         """Run several accepts as one INSERT; each gets the keys that were new for it, with their
         ids (a key sent by two webhooks in one batch is new for the first only)."""
         if len(ops) < 2:
             return {}
         inserted = cls._insert(conn, ops[0].hot, [row for op in ops for row in op.rows])
-        out: dict[int, dict[tuple[str, str], int]] = {}
-        for op in ops:
-            out[id(op)] = {k: inserted.pop(k) for k in op.keys if k in inserted}
-        return out
+        return {id(op): [inserted.pop(k, None) for k in op.keys] for op in ops}
 
 
 class _Sent:
