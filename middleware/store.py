@@ -24,9 +24,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, NamedTuple, TypeAlias, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
@@ -260,8 +259,11 @@ class LeaseLost(Exception):
     """The conversation's lease moved to another claim; this node must not write the turn."""
 
 
-@dataclass(frozen=True, slots=True)
-class Lease:
+# Lease, PendingMessage and OutboxItem are made for every message: named tuples (immutable, built
+# by one C call) rather than frozen dataclasses (an object.__setattr__ call per field)
+
+
+class Lease(NamedTuple):
     key: str
     owner: str
     epoch: int
@@ -270,14 +272,12 @@ class Lease:
     messages: tuple[PendingMessage, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class PendingMessage:
+class PendingMessage(NamedTuple):
     inbox_id: int
     inbound: Inbound
 
 
-@dataclass(frozen=True, slots=True)
-class OutboxItem:
+class OutboxItem(NamedTuple):
     id: int
     conversation_key: str
     platform: str
