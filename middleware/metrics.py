@@ -12,6 +12,7 @@ import bisect
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -34,30 +35,54 @@ class Count:
         self.value += amount
 
 
-class LabelledCounter(Collector):
-    """A labelled Prometheus counter (`labels(*values).inc()`), exported as prometheus_client's
-    Counter is: `<name>_total` and `<name>_created` per label set."""
+C = TypeVar("C")
 
-    def __init__(self, name: str, documentation: str, labelnames: Iterable[str], registry: CollectorRegistry) -> None:
+
+class _Labelled(Collector, Generic[C]):
+    """A labelled metric: one cell per label set, made by `make` on first use, read at scrape time."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Iterable[str],
+        registry: CollectorRegistry,
+        make: Callable[[], C],
+    ) -> None:
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
-        self._cells: dict[tuple[str, ...], Count] = {}
+        self._make = make
+        self._cells: dict[tuple[str, ...], C] = {}
         registry.register(self)
 
-    def labels(self, *values: str) -> Count:
+    def labels(self, *values: str) -> C:
         cell = self._cells.get(values)
         if cell is None:
             if len(values) != len(self.labelnames):
                 raise ValueError(f"{self.name} takes the labels {self.labelnames}, got {values!r}")
-            cell = self._cells[values] = Count()
+            cell = self._cells[values] = self._make()
         return cell
 
     def describe(self) -> Iterator[Metric]:
-        yield CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        yield self._family()
+
+    def _family(self) -> Metric:
+        raise NotImplementedError
+
+
+class LabelledCounter(_Labelled[Count]):
+    """A labelled Prometheus counter (`labels(*values).inc()`), exported as prometheus_client's
+    Counter is: `<name>_total` and `<name>_created` per label set."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Iterable[str], registry: CollectorRegistry) -> None:
+        super().__init__(name, documentation, labelnames, registry, Count)
+
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
     def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        family = self._family()
         for values, cell in list(self._cells.items()):
             family.add_metric(values, cell.value, created=cell.created)
         yield family
@@ -79,7 +104,7 @@ class Observations:
         self.sum += value
 
 
-class LabelledHistogram(Collector):
+class LabelledHistogram(_Labelled[Observations]):
     """A labelled Prometheus histogram (`labels(*values).observe(x)`), exported as prometheus_client's
     Histogram is: `_bucket` (cumulative, `le`), `_count`, `_sum` and `_created` per label set."""
 
@@ -91,29 +116,17 @@ class LabelledHistogram(Collector):
         buckets: Iterable[float],
         registry: CollectorRegistry,
     ) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
         bounds = sorted(float(b) for b in buckets)
         if not bounds or bounds[-1] != math.inf:
             bounds.append(math.inf)
         self.bounds = tuple(bounds)
-        self._cells: dict[tuple[str, ...], Observations] = {}
-        registry.register(self)
+        super().__init__(name, documentation, labelnames, registry, lambda: Observations(self.bounds))
 
-    def labels(self, *values: str) -> Observations:
-        cell = self._cells.get(values)
-        if cell is None:
-            if len(values) != len(self.labelnames):
-                raise ValueError(f"{self.name} takes the labels {self.labelnames}, got {values!r}")
-            cell = self._cells[values] = Observations(self.bounds)
-        return cell
-
-    def describe(self) -> Iterator[Metric]:
-        yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+    def _family(self) -> HistogramMetricFamily:
+        return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
     def collect(self) -> Iterator[Metric]:
-        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        family = self._family()
         for values, cell in list(self._cells.items()):
             total = 0
             buckets: list[tuple[str, float]] = []
