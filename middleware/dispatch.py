@@ -89,6 +89,8 @@ class Dispatcher:
         self.owner = node.owner if node is not None else node_id
         self.bus = bus
         self.backlog = 0
+        #: how many times the backlog was changed here (`resync_backlog` tells a stale count by it)
+        self._moves = 0
         #: the GIL's hand-over follows the backlog (middleware/runtime.py)
         self.switch_interval = SwitchInterval()
         #: set while the backlog is below `hold_backlog` (webhooks answered at once)
@@ -149,6 +151,7 @@ class Dispatcher:
 
     def accepted(self, n: int) -> None:
         self.backlog += n
+        self._moves += 1
         self._measure_room()
 
     def _measure_room(self) -> None:
@@ -320,6 +323,7 @@ class Dispatcher:
                 self._handled(key, batch)
                 lease = Lease(lease.key, lease.owner, lease.epoch, state)
                 self.backlog = max(0, self.backlog - len(batch))
+                self._moves += 1
                 self._measure_room()
                 retry_at = await self.outbox.drain(key, platform, fence, added if outbox_clear else None)
                 outbox_clear = retry_at is None
@@ -570,8 +574,15 @@ class Dispatcher:
             task.cancel()
 
     async def resync_backlog(self) -> None:
-        self.backlog = await self.store.pending_count()
-        self._measure_room()
+        """Set the backlog to the store's count of pending messages (what other nodes accepted, what
+        a restart left), unless it moved while the store counted: messages accepted or handled
+        meanwhile are counted here but not in the store's answer, or the other way round, and
+        the count would overwrite them (the next sweep tries again)."""
+        moves = self._moves
+        count = await self.store.pending_count()
+        if self._moves == moves:
+            self.backlog = count
+            self._measure_room()
 
     # -- shutdown ---------------------------------------------------------------------------
 
