@@ -119,7 +119,10 @@ def report(rows: list[list[Any]], messages: int, top: int) -> None:
     opcodes = sum(r[3] for r in rows)
     calls = sum(r[4] for r in rows)
     print(f"per reply: {opcodes / messages:.0f} opcodes, {calls / messages:.0f} Python calls ({messages} replies)")
-    cost = lambda r: r[3] + CALL_WEIGHT * r[4]  # noqa: E731
+
+    def cost(r: list[Any]) -> int:
+        return int(r[3] + CALL_WEIGHT * r[4])
+
     print(f"\nfunctions (opcodes, calls per reply; ranked by opcodes + {CALL_WEIGHT} x calls):")
     for r in sorted(rows, key=cost, reverse=True)[:top]:
         print(f"{r[3] / messages:8.1f} {r[4] / messages:6.2f}  {where(r[0])}:{r[1]} {r[2]}")

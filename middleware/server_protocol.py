@@ -91,16 +91,13 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         # upgrade, no concurrency limit) of a running ingress: the path is the URL as it came, so
         # httptools' URL parse and uvicorn's path handling are skipped, and the lane starts at once
         url = self.url
+        plain = url.isascii() and b"?" not in url and b"%" not in url and b"#" not in url
+        path = url.decode("ascii") if plain else ""
+        name = webhook_name(path) if plain else None
         ingress = getattr(self.config.app, "ingress", None)
         parser = self.parser
         if not (
-            url.startswith(b"/webhooks/")
-            and len(url) > 10
-            and url.count(b"/") == 2
-            and url.isascii()
-            and b"?" not in url
-            and b"%" not in url
-            and b"#" not in url
+            name is not None
             and isinstance(ingress, Ingress)
             and parser.get_method() == b"POST"
             and not self.root_path
@@ -114,7 +111,6 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         scope["method"] = "POST"
         if http_version != "1.1":
             scope["http_version"] = http_version
-        path = url.decode("ascii")
         scope["path"] = path
         scope["raw_path"] = url
         scope["query_string"] = b""
@@ -133,7 +129,7 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
             on_response=self.on_response_complete,
         )
         if existing is None or existing.response_complete:
-            self._start_webhook(ingress, path[10:], self.cycle)
+            self._start_webhook(ingress, name, self.cycle)
         else:  # pipelined: started when the answers before it are written (`_start_asgi_task`)
             self.flow.pause_reading()
             self.pipeline.appendleft((self.cycle, self.app))

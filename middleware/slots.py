@@ -42,14 +42,12 @@ class Slots:
         try:
             await waiter
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():  # handed over, but this task is cancelled
+            if waiter.cancelled():  # not handed over: out of the queue (unless a release took it out)
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+            else:  # handed over, but this task is cancelled: on to the next one
                 self.release()
             raise
-        finally:
-            if not waiter.done():
-                waiter.cancel()
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
 
     def release(self) -> None:
         """Give a slot back: to the first waiter still waiting, else to the free ones."""

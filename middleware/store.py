@@ -764,37 +764,29 @@ class Store:
             }
             for item, key in outgoing
         ]
-        timer_rows = (
-            [
-                {
-                    "conversation_key": lease.key,
-                    "name": timer.name,
-                    "due_at": now + timer.after,
-                    "payload": _dumps(timer.payload),
-                    "status": "pending",
-                    "created_at": now,
-                }
-                for timer in timers
-            ]
-            if timers
-            else []
-        )
+        timer_rows = [
+            {
+                "conversation_key": lease.key,
+                "name": timer.name,
+                "due_at": now + timer.after,
+                "payload": _dumps(timer.payload),
+                "status": "pending",
+                "created_at": now,
+            }
+            for timer in timers
+        ]
 
-        owner_rows = (
-            [
-                {
-                    "conversation_key": lease.key,
-                    "before": t.before.value,
-                    "after": t.after.value,
-                    "actor": t.actor[:200],
-                    "reason": t.reason[:500],
-                    "at": now,
-                }
-                for t in transitions
-            ]
-            if transitions
-            else []
-        )
+        owner_rows = [
+            {
+                "conversation_key": lease.key,
+                "before": t.before.value,
+                "after": t.after.value,
+                "actor": t.actor[:200],
+                "reason": t.reason[:500],
+                "at": now,
+            }
+            for t in transitions
+        ]
 
         def op(conn: Connection) -> list[OutboxItem]:
             params = state_params

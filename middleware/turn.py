@@ -59,13 +59,8 @@ class Typing:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        if self.platform.supports_typing:
-            self._stop = asyncio.Event()
-            self._task = asyncio.create_task(self._run(self._stop))
-
-    @property
-    def started(self) -> bool:
-        return self._task is not None
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(self._run(self._stop))
 
     async def _run(self, stop: asyncio.Event) -> None:
         if self.delay > 0:  # 0: typing goes on with every turn, however short

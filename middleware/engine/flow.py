@@ -50,22 +50,22 @@ class TurnContext:
     flow: Flow
     resources: Resources
     deadline: float
-    now: datetime = field(default_factory=lambda: datetime.now(UTC))
-    first: bool = False
-    nlu: NLU | None = None
-    replies: list[Reply] = field(default_factory=list)
-    actions: list[CoreAction] = field(default_factory=list)
-    timers: list[Timer] = field(default_factory=list)
-    cancel_timers: list[str] = field(default_factory=list)
-    transitions: list[Transition] = field(default_factory=list)
-    trace: list[str] = field(default_factory=list)
-    goto: str | None = None
+    now: datetime
+    first: bool
+    nlu: NLU | None
+    replies: list[Reply]
+    actions: list[CoreAction]
+    timers: list[Timer]
+    cancel_timers: list[str]
+    transitions: list[Transition]
+    trace: list[str]
+    goto: str | None
     #: a `call` or `return` switched flows: (flow name, state)
-    switch: tuple[str, str] | None = None
-    stopped: bool = False
-    missed: bool = False
+    switch: tuple[str, str] | None
+    stopped: bool
+    missed: bool
     #: who the turn's replies come from, as the history records them ("agent" for an agent's message)
-    speaker: str = "bot"
+    speaker: str
 
     def __init__(
         self,
