@@ -74,7 +74,7 @@ def build() -> SwitchboardApp:
             platforms = {name: PLATFORM_TYPES[c.type](name, c, http) for name, c in settings.platforms.items()}
             taken = Taken(settings.dispatch.max_backlog)
             app.state.taken = taken
-            app.state.ingress = Ingress(
+            app.ingress = ingress = Ingress(
                 platforms,
                 store,
                 cast(Dispatcher, taken),
@@ -86,7 +86,7 @@ def build() -> SwitchboardApp:
             try:
                 yield
             finally:
-                await app.state.ingress.close()
+                await ingress.close()
                 await store.close()
 
     async def healthz(request: Request) -> Response:

@@ -8,7 +8,7 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -91,7 +91,7 @@ def create_app(settings: Settings, *, http: httpx.AsyncClient | None = None) -> 
     reloader = FlowReloader(engine, settings.flows, known)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: SwitchboardApp) -> AsyncIterator[None]:
         client = http or make_http_client(settings)
         resources.http = client
         resources.connectors = {
@@ -138,7 +138,7 @@ def create_app(settings: Settings, *, http: httpx.AsyncClient | None = None) -> 
             SenderLimiter(settings.ingress.sender_per_second, settings.ingress.sender_burst),
             settings.dispatch.hold_seconds,
         )
-        app.state.ingress = ingress
+        app.ingress = ingress
         await dispatcher.resync_backlog()
         await dispatcher.resume()
         scheduler = build_scheduler(
@@ -187,7 +187,8 @@ def create_app(settings: Settings, *, http: httpx.AsyncClient | None = None) -> 
                 await client.aclose()
 
     async def webhook(request: Request) -> Response:
-        ingress: Ingress = request.app.state.ingress
+        ingress = cast(SwitchboardApp, request.app).ingress
+        assert ingress is not None  # routes are served only while the lifespan runs
         return await ingress(request)
 
     async def healthz(request: Request) -> Response:
@@ -244,10 +245,9 @@ class SwitchboardApp(Starlette):
     (middleware/server_protocol.py); this lane serves them under any other ASGI server.
     """
 
-    @property
-    def ingress(self) -> Ingress | None:
-        """The webhook ingress, once the lifespan has started it."""
-        return getattr(self.state, "ingress", None)
+    #: the webhook ingress, once the lifespan has started it (an attribute, not in `state`:
+    #: Starlette's State answers through `__getattr__`, CPython's slow lookup, on every webhook)
+    ingress: Ingress | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):

@@ -24,9 +24,10 @@ _RUN = b"1" * LONG_RUN
 def long_digit_run(text: str | bytes) -> bool:
     """Whether `text` holds `LONG_RUN` ASCII digits in a row (JSON numbers are ASCII). A translate
     and a substring search, both in C: half the time of the regex `\\d{19}` on a webhook's body,
-    which took twice orjson's parse of it."""
+    which took twice orjson's parse of it. (`find`, not `in`: bytes' `in` first tries its operand
+    as an int, and builds and drops a TypeError when it is not one.)"""
     raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
-    return _RUN in raw.translate(_DIGITS)
+    return raw.translate(_DIGITS).find(_RUN) >= 0
 
 
 def dumps(value: Any) -> bytes:

@@ -25,6 +25,7 @@ import asyncio
 import contextvars
 import functools
 import logging
+from collections.abc import Iterable
 from typing import Any, cast
 
 from starlette.datastructures import QueryParams
@@ -36,12 +37,18 @@ from middleware.ingress import NO_QUERY, Answer, ClientGone, Ingress, TooLarge, 
 log = logging.getLogger("switchboard.server")
 
 
-class _JoinedWrites:
-    """The transport uvicorn's protocol writes to: writes in one callback leave as one."""
+class _JoinedWrites(asyncio.Transport):
+    """The transport uvicorn's protocol writes to: writes in one callback leave as one.
+
+    Every other call goes to the socket's transport by a method of its own, not `__getattr__`: a
+    class with `__getattr__` makes every attribute read on it, its own included, take CPython's
+    slow lookup (`slot_tp_getattr_hook`, two type lookups a read; a failed one first builds the
+    AttributeError), a dozen times a webhook here."""
 
     __slots__ = ("_loop", "_pending", "_transport")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
         self._transport = transport
         self._loop = loop
         self._pending: list[bytes] = []
@@ -49,20 +56,23 @@ class _JoinedWrites:
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
             return
-        if not self._pending:
+        pending = self._pending
+        if not pending:
             self._loop.call_soon(self.flush)
-        self._pending.append(bytes(data))
+        pending.append(bytes(data))
 
-    def writelines(self, chunks: Any) -> None:
-        for chunk in chunks:
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        for chunk in list_of_data:
             self.write(chunk)
 
     def flush(self) -> None:
-        if self._pending:
-            data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
-            self._pending.clear()
-            if not self._transport.is_closing():
-                self._transport.write(data)
+        pending = self._pending
+        if pending:
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            pending.clear()
+            transport = self._transport
+            if not transport.is_closing():
+                transport.write(data)
 
     def close(self) -> None:
         self.flush()
@@ -72,11 +82,42 @@ class _JoinedWrites:
         self.flush()
         self._transport.write_eof()
 
+    def abort(self) -> None:
+        self._pending.clear()
+        self._transport.abort()
+
     def get_write_buffer_size(self) -> int:
         return self._transport.get_write_buffer_size() + sum(len(chunk) for chunk in self._pending)
 
-    def __getattr__(self, name: str) -> Any:  # is_closing, get_extra_info, pause_reading, abort...
-        return getattr(self._transport, name)
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:  # an upgrade (websockets)
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._transport.get_write_buffer_limits()
 
 
 class OneWriteHttpToolsProtocol(HttpToolsProtocol):
@@ -84,15 +125,16 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     ingress without ASGI (see the module's docstring)."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(_JoinedWrites(transport, asyncio.get_running_loop()))  # type: ignore[arg-type]
+        super().connection_made(_JoinedWrites(transport, asyncio.get_running_loop()))
 
     def on_headers_complete(self) -> None:
         # uvicorn's, for a POST to a plain webhook URL (no query, no escapes, no root path, no
         # upgrade, no concurrency limit) of a running ingress: the path is the URL as it came, so
         # httptools' URL parse and uvicorn's path handling are skipped, and the lane starts at once
         url = self.url
-        plain = url.isascii() and b"?" not in url and b"%" not in url and b"#" not in url
-        path = url.decode("ascii") if plain else ""
+        path = url.decode("ascii") if url.isascii() else ""
+        # tested on the str: bytes' `in` first tries its operand as an int (a TypeError built, dropped)
+        plain = "?" not in path and "%" not in path and "#" not in path
         name = webhook_name(path) if plain else None
         ingress = getattr(self.config.app, "ingress", None)
         parser = self.parser
