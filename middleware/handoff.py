@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from middleware.engine.durations import parse_duration
 from middleware.engine.hours import Hours, parse_hours
-from middleware.model import Handoff, Owner, Reply, Timer, Transition
+from middleware.model import HUMAN_OWNERS, Handoff, Owner, Reply, Timer, Transition
 
 if TYPE_CHECKING:
     from middleware.engine.flow import TurnContext
@@ -152,7 +152,7 @@ class HandoffMachine:
 
     def request(self, ctx: TurnContext, handoff: Handoff) -> None:
         """The flow, a connector or a rule asks for a human."""
-        if ctx.state.owner in (Owner.QUEUED, Owner.AGENT):
+        if ctx.state.owner in HUMAN_OWNERS:
             ctx.trace.append(f"handoff: already {ctx.state.owner.value}")
             return
         queue = self.queue(handoff.queue)
@@ -201,7 +201,7 @@ class HandoffMachine:
         agent = _agent_name(payload.get("agent"))
         owner = ctx.state.owner
         if event == EVENT_AGENT_ASSIGNED:
-            if owner in (Owner.QUEUED, Owner.AGENT):
+            if owner in HUMAN_OWNERS:
                 self._assign(ctx, agent)
             else:
                 ctx.trace.append("agent.assigned for a conversation the bot owns: ignored")
@@ -218,7 +218,7 @@ class HandoffMachine:
                 ctx.timers.append(Timer(self.settings.agent_idle, TIMER_AGENT_IDLE, {}))
             return True
         if event in (EVENT_AGENT_RESOLVED, EVENT_AGENT_RELEASED):
-            if owner in (Owner.QUEUED, Owner.AGENT):
+            if owner in HUMAN_OWNERS:
                 reason = "resolved" if event == EVENT_AGENT_RESOLVED else "released"
                 self.give_back(ctx, agent, str(payload.get("reason") or reason))
             else:
@@ -226,7 +226,7 @@ class HandoffMachine:
                 ctx.stopped = True
             return True
         if event == EVENT_AGENT_TRANSFER:
-            if owner in (Owner.QUEUED, Owner.AGENT) and ctx.state.handoff is not None:
+            if owner in HUMAN_OWNERS and ctx.state.handoff is not None:
                 queue = str(payload.get("queue") or ctx.state.handoff["queue"])
                 ctx.state.handoff["queue"] = queue
                 ctx.state.handoff["agent"] = payload.get("to_agent")
@@ -285,7 +285,7 @@ class HandoffMachine:
                 ctx.timers.append(Timer(queue.remind_every, TIMER_REMINDER, {"queue": queue_name}))
             return True
         if name in (TIMER_AGENT_IDLE, TIMER_USER_IDLE):
-            if owner in (Owner.QUEUED, Owner.AGENT):
+            if owner in HUMAN_OWNERS:
                 who = "agent" if name == TIMER_AGENT_IDLE else "user"
                 self.give_back(ctx, "system", f"auto-resolved: {who} inactive")
             return True

@@ -32,6 +32,11 @@ class Owner(StrEnum):
     RESOLVED = "resolved"
 
 
+#: the owners that are people: while one holds a conversation the bot stays silent. (A constant:
+#: on Python 3.11 each `Owner.X` read takes EnumType.__getattr__'s slow attribute lookup.)
+HUMAN_OWNERS = (Owner.QUEUED, Owner.AGENT)
+
+
 @dataclass(frozen=True, slots=True)
 class Sender:
     id: str

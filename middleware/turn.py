@@ -20,6 +20,7 @@ from middleware.engine import Engine, FlowFailed
 from middleware.helpdesk import TARGET
 from middleware.metrics import Metrics
 from middleware.model import (
+    HUMAN_OWNERS,
     ConversationState,
     Handoff,
     Inbound,
@@ -151,7 +152,7 @@ class TurnRunner:
             state = state.copy()
             state.vars["user"] = await self.store.user_vars(f"{message.platform}:{message.sender.id}")
         typing: Typing | None = None  # none for a platform without typing, an event, a human's conversation
-        if platform.supports_typing and not is_event and state.owner not in (Owner.QUEUED, Owner.AGENT):
+        if platform.supports_typing and not is_event and state.owner not in HUMAN_OWNERS:
             delay = platform.config.typing_delay
             delay = self.settings.typing.delay if delay is None else delay
             typing = Typing(platform, message.conversation_id, message.message_id, key_of, delay)
@@ -282,12 +283,12 @@ class TurnRunner:
                     item = Outgoing("handoff", conv, handoff=action, to=TARGET, transcript=transcript)
                     out.append((item, key_of(f"helpdesk-handoff-{i}")))
         for i, change in enumerate(result.transitions):
-            if change.after == Owner.BOT and change.before in (Owner.QUEUED, Owner.AGENT):
+            if change.after == Owner.BOT and change.before in HUMAN_OWNERS:
                 if to_platform:
                     out.append((Outgoing("release", conv), key_of(f"release-{i}")))
                 if to_helpdesk:
                     out.append((Outgoing("release", conv, to=TARGET), key_of(f"helpdesk-release-{i}")))
-        handed_off = result.state.owner in (Owner.QUEUED, Owner.AGENT)
+        handed_off = result.state.owner in HUMAN_OWNERS
         if to_helpdesk and handed_off and message.type != "event" and not result.transitions:
             item = Outgoing("message", conv, reply=Reply(message.text), reply_to=message.message_id, to=TARGET)
             out.append((item, key_of("helpdesk-message")))

@@ -13,6 +13,7 @@ from middleware.engine.flow import Action, Flow, Resources, Route, TurnContext
 from middleware.engine.templates import TemplateFailed
 from middleware.model import (
     EVENT_CONVERSATION_STARTED,
+    HUMAN_OWNERS,
     ConversationState,
     Inbound,
     Owner,
@@ -120,7 +121,7 @@ class Engine:
             event = str(message.payload.get("event", ""))
             if event == EVENT_TIMER:
                 if not ctx.handoff.timer(ctx, str(message.payload.get("name"))):
-                    if state.owner in (Owner.QUEUED, Owner.AGENT):
+                    if state.owner in HUMAN_OWNERS:
                         # a state timeout or `expect` armed before the handoff: the bot stays silent
                         ctx.trace.append(f"{message.payload.get('name')} timer while a human owns it: ignored")
                     else:
@@ -139,7 +140,7 @@ class Engine:
                 elif before == Owner.QUEUED and state.owner == Owner.AGENT and "agent.assigned" in flow.on:
                     await self._run(flow.on["agent.assigned"], ctx)
                 return
-            if state.owner in (Owner.QUEUED, Owner.AGENT):
+            if state.owner in HUMAN_OWNERS:
                 # a person has it: the bot stays silent; no `on:` handler, no routes (docs/handoff.md)
                 ctx.trace.append(f"event {event} while a human owns it: ignored, the bot stays silent")
                 return
@@ -153,7 +154,7 @@ class Engine:
                 ctx.trace.append(f"on {event}")
                 await self._run(handler, ctx)
                 return
-        elif state.owner in (Owner.QUEUED, Owner.AGENT):
+        elif state.owner in HUMAN_OWNERS:
             ctx.trace.append(f"owner is {state.owner.value}: the bot stays silent, the message goes to the human")
             ctx.handoff.user_message(ctx)
             return

@@ -13,7 +13,26 @@ from jinja2 import StrictUndefined, TemplateSyntaxError
 from jinja2.exceptions import SecurityError, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-_env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False)
+#: what `getattr(a_dict, name)` finds: a method, or nothing
+_DICT_ATTRIBUTES = frozenset(dir(dict))
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox, where `a.b` on a plain dict is answered by its key `b` at once
+    when `b` names no dict attribute. Jinja answers the same, but only after `getattr(a, "b")`
+    has built and dropped an AttributeError: for every `{{ message.text }}` of every reply, since
+    the template context is dicts (~2,000 instructions a lookup)."""
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if type(obj) is dict and attribute not in _DICT_ATTRIBUTES:
+            try:
+                return obj[attribute]
+            except KeyError:
+                pass  # Jinja's own way, to its undefined
+        return super().getattr(obj, attribute)
+
+
+_env = _Sandbox(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False)
 
 
 class TemplateFailed(Exception):

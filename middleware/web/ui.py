@@ -32,7 +32,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from middleware.hub import INBOX_TOPIC, Hub, LocalHub, conversation_topic, playground_topic
-from middleware.model import Inbound, Owner, TurnResult
+from middleware.model import HUMAN_OWNERS, Inbound, TurnResult
 from middleware.platforms.playground import PlaygroundPlatform
 from middleware.services import Services
 from middleware.settings import Settings
@@ -164,7 +164,7 @@ def turn_observer(hub: Hub, playgrounds: set[str]) -> Callable[[Inbound, TurnRes
             "changed": bool(result.transitions),
         }
         hub.publish(conversation_topic(key), change)
-        if result.transitions or state.owner in (Owner.QUEUED, Owner.AGENT):
+        if result.transitions or state.owner in HUMAN_OWNERS:
             hub.publish(INBOX_TOPIC, change)
         if message.platform in playgrounds:
             hub.publish(playground_topic(key), trace_event(message, result, seconds))
