@@ -835,3 +835,18 @@ def test_state_copy_is_deep_and_round_trips() -> None:
     assert state.vars == {"user": {"name": "Ana", "tags": ["a", {"b": 1}]}, "n": 2}
     assert state.history == [["user", "hi"], ["bot", "hello"]] and state.stack == [{"flow": "g", "state": "t"}]
     assert state.counters == {"miss": 1} and state.handoff == {"queue": "support", "meta": {"tries": [1]}}
+
+
+def test_a_none_bound_by_the_sqlite_driver_is_null_by_the_registered_adapter() -> None:
+    # middleware/hotsql.py registers an adapter for None's type (the protocol lookup it replaces
+    # built and dropped an exception per NULL): what is stored must still be NULL
+    assert (type(None), sqlite3.PrepareProtocol) in sqlite3.adapters
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.execute("CREATE TABLE t (a TEXT, b REAL)")
+        conn.execute("INSERT INTO t VALUES (?, ?)", (None, None))
+        conn.execute("INSERT INTO t VALUES (:a, :b)", {"a": None, "b": 1.5})
+        rows = conn.execute("SELECT a IS NULL, typeof(a), b FROM t ORDER BY rowid").fetchall()
+    finally:
+        conn.close()
+    assert rows == [(1, "null", None), (1, "null", 1.5)]
