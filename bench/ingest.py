@@ -69,7 +69,11 @@ def build() -> SwitchboardApp:
     @contextlib.asynccontextmanager
     async def lifespan(app: SwitchboardApp) -> AsyncIterator[None]:
         async with httpx.AsyncClient() as http:
-            store = Store(settings.store.url, batch_max=settings.store.batch_max)
+            store = Store(
+                settings.store.url,
+                batch_max=settings.store.batch_max,
+                gather=settings.store.commit_gather_ms / 1000,
+            )
             await store.start(migrate=settings.store.migrate)
             platforms = {name: PLATFORM_TYPES[c.type](name, c, http) for name, c in settings.platforms.items()}
             taken = Taken(settings.dispatch.max_backlog)

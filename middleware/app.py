@@ -97,7 +97,9 @@ def create_app(settings: Settings, *, http: httpx.AsyncClient | None = None) -> 
         resources.connectors = {
             name: connector_class(cfg.type)(name, cfg, client) for name, cfg in settings.connectors.items()
         }
-        store = Store(settings.store.url, batch_max=settings.store.batch_max)
+        store = Store(
+            settings.store.url, batch_max=settings.store.batch_max, gather=settings.store.commit_gather_ms / 1000
+        )
         await store.start(migrate=settings.store.migrate)
         stores[:] = [store]
         platforms = {name: PLATFORM_TYPES[cfg.type](name, cfg, client) for name, cfg in settings.platforms.items()}

@@ -302,7 +302,7 @@ async def _agent(args: argparse.Namespace) -> int:
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             return 1
-    store = Store(settings.store.url, batch_max=settings.store.batch_max)
+    store = Store(settings.store.url, batch_max=settings.store.batch_max, gather=settings.store.commit_gather_ms / 1000)
     try:
         await store.start(migrate=settings.store.migrate)
         if args.agent_command == "add":

@@ -45,6 +45,9 @@ class StoreSettings(_Section):
     url: str = "sqlite:///data/switchboard.db"
     #: most writes one group commit takes
     batch_max: int = Field(default=512, ge=1)
+    #: SQLite: when a commit lands with only a few writes waiting (the service is busy), the next
+    #: one waits this long for more to share it; 0: at once
+    commit_gather_ms: float = Field(default=1.0, ge=0, le=100)
     #: days a handled message id is kept for dedupe
     dedupe_days: float = Field(default=7.0, gt=0)
     #: at start: `auto` upgrades the schema (under a lock: safe with nodes starting at once); `check`

@@ -850,3 +850,28 @@ def test_a_none_bound_by_the_sqlite_driver_is_null_by_the_registered_adapter() -
     finally:
         conn.close()
     assert rows == [(1, "null", None), (1, "null", 1.5)]
+
+
+@pytest.mark.parametrize("gather", [0.0, 1.0])
+async def test_a_busy_sqlite_store_gathers_the_next_batch_and_an_idle_one_commits_at_once(
+    tmp_path: Path, gather: float
+) -> None:
+    store = Store(f"sqlite:///{tmp_path}/gather.db", gather=gather)
+    await store.start()
+    try:
+        loop = asyncio.get_running_loop()
+        asked = loop.time()
+        assert await store.accept_ids([inbound(0)]) == [1]  # nothing in flight: a commit at once
+        idle = loop.time() - asked
+        before = store.batches
+        first = store.accept_ids([inbound(1)])
+        await asyncio.sleep(0)  # its batch is in flight now
+        second = store.accept_ids([inbound(2)])  # waits behind it
+        await first
+        third = store.accept_ids([inbound(3)])  # after the first landed, before the next batch ran
+        assert await second == [3] and await third == [4]
+        # gathering: the second and third share the batch that started after the first landed
+        assert store.batches - before == (2 if gather else 3)
+    finally:
+        await store.close()
+    assert idle < 0.5  # with a gather of 1 s: the idle store did not wait for company
