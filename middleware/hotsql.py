@@ -96,10 +96,9 @@ class HotSQL:
         self.mark_sent = self._named(
             "UPDATE outbox SET status = 'sent', sent_at = :now, last_error = NULL WHERE id = :id"
         )
-        self._outbox_row = (
-            f"INSERT INTO outbox ({', '.join(OUTBOX_COLUMNS)}) VALUES ({', '.join('?' * len(OUTBOX_COLUMNS))})"
-            " ON CONFLICT (idempotency_key) DO NOTHING"
-        )
+        # SQLite, one row an INSERT, its id from `lastrowid` (`insert_outbox`, `insert_inbox`)
+        self._outbox_row = _insert_one("outbox", OUTBOX_COLUMNS, "(idempotency_key)")
+        self._inbox_row = _insert_one("inbox", INBOX_COLUMNS, "(platform, message_id)")
         self.release = self._named(
             f"UPDATE conversation SET lease_owner = NULL, lease_until = 0.0 WHERE {ours}"
             " AND NOT EXISTS (SELECT 1 FROM inbox WHERE conversation_key = :key AND status = 'pending')"
@@ -114,6 +113,12 @@ class HotSQL:
     def insert_inbox(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], int]:
         """New inbox rows (a (platform, message_id) already stored is skipped): key -> id."""
         out: dict[tuple[str, str], int] = {}
+        if len(rows) == 1 and not self.postgres:  # a batch of one webhook: no RETURNING (`insert_outbox`)
+            row = rows[0]
+            cursor = execute(conn, self._inbox_row, [row[c] for c in INBOX_COLUMNS])
+            if cursor.rowcount == 1:
+                out[(row["platform"], row["message_id"])] = cursor.lastrowid
+            return out
         for chunk in _chunks(rows, self.CHUNK) if len(rows) > self.CHUNK else (rows,):
             sql = self._insert_many(
                 "inbox", INBOX_COLUMNS, len(chunk), "(platform, message_id)", "platform, message_id, id"
@@ -187,6 +192,11 @@ class HotSQL:
             )
             self._many[(table, n)] = sql
         return sql
+
+
+def _insert_one(table: str, columns: Sequence[str], conflict: str) -> str:
+    marks = ", ".join("?" * len(columns))
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks}) ON CONFLICT {conflict} DO NOTHING"
 
 
 def execute(conn: Connection, sql: str, params: dict[str, Any] | Sequence[Any]) -> Any:
