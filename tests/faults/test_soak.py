@@ -115,6 +115,10 @@ platforms:
     type: generic
     post_message_url: {platform_url}/messages
 dispatch: {{lease_seconds: 10, sweep_seconds: 2, max_concurrency: 128}}
+# half the capacity over 300 senders passes flood control's default sustained rate (1 a second
+# each) once two nodes answer more than 600 messages a second: flooded messages are stored without
+# a turn; the soak is about steady load, flood control is tested in tests/security/test_security.py
+ingress: {{sender_per_second: null}}
 """
     )
     return config
