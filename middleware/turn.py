@@ -148,9 +148,10 @@ class TurnRunner:
                         platform, read, idempotency_key(p.inbound.platform, p.inbound.message_id, "read", p.inbox_id)
                     )
                 )
+        user_key = f"{message.platform}:{message.sender.id}"  # the store's name for user-scope variables
         if not is_event and self.engine.uses_user_scope(message, state):
             state = state.copy()
-            state.vars["user"] = await self.store.user_vars(f"{message.platform}:{message.sender.id}")
+            state.vars["user"] = await self.store.user_vars(user_key)
         typing: Typing | None = None  # none for a platform without typing, an event, a human's conversation
         if platform.supports_typing and not is_event and state.owner not in HUMAN_OWNERS:
             delay = platform.config.typing_delay
@@ -228,7 +229,7 @@ class TurnRunner:
                 outgoing,
                 timers=result.timers,
                 cancel_timers=result.cancel_timers,
-                user_vars=(f"{message.platform}:{message.sender.id}", user_changes) if user_changes else None,
+                user_vars=(user_key, user_changes) if user_changes else None,
                 transitions=result.transitions,
             )
         except BaseException:
